@@ -1,0 +1,382 @@
+"""Tests for wgan_gp_64.py: the penalty against analytic cases, the ProGAN layers, the schedule, the data
+pipeline, short real runs, exact resume and every bad input. CPU, tiny models, a few steps each."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import wgan_gp_64 as w
+
+TINY = ["--image-size", "32", "--g-channels", "8", "--d-channels", "8", "--latent-dim", "16",
+        "--batch-size", "4", "--critic-its", "2", "--num-workers", "0", "--log-every", "2"]
+
+
+def tiny_args(*extra):
+    return w.parse_args(TINY + list(extra))
+
+
+def make_folder(root, count=24, seed=0):
+    """Random images of assorted sizes and formats, nested one level."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        h, w_ = rng.integers(20, 90, size=2)
+        sub = Path(root) / f"class_{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(rng.integers(0, 256, (h, w_, 3), dtype=np.uint8))
+        img.save(sub / f"img_{i}.{'png' if i % 2 else 'jpg'}")
+    return Path(root)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_folder(tmp_path / "images")
+
+
+def run(tmp_path, data, *extra, name="r"):
+    w.main(TINY + ["--data", str(data), "--out", str(tmp_path / "runs"), "--run-name", name] + list(extra))
+    return tmp_path / "runs" / name
+
+
+def expect_exit(capsys, argv, code=2):
+    with pytest.raises(SystemExit) as e:
+        w.main(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("wgan_gp_64.py: error:"), err
+    return err[0]
+
+
+# ----------------------------------------------------------------------------------------------- penalty
+class Linear(torch.nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+
+    def forward(self, x):
+        return x.flatten(1) @ self.weight.flatten()
+
+
+def test_penalty_of_linear_critic_is_norm_minus_one_squared():
+    torch.manual_seed(0)
+    weight = torch.randn(3, 8, 8, dtype=torch.float64)
+    real, fake = torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    gp = w.gradient_penalty(Linear(weight), real, fake)
+    assert gp.item() == pytest.approx((weight.norm().item() - 1) ** 2, rel=1e-12)
+    # a norm over dim=1 only (the common bug) gives a different number here
+    wrong = (weight.expand(5, -1, -1, -1).norm(dim=1) - 1).square().mean()
+    assert abs(wrong.item() - gp.item()) > 1
+
+
+def test_penalty_is_zero_for_unit_gradient_critics():
+    real, fake = torch.randn(6, 3, 4, 4, dtype=torch.float64), torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    unit = torch.randn(3, 4, 4, dtype=torch.float64)
+    assert w.gradient_penalty(Linear(unit / unit.norm()), real, fake).item() == pytest.approx(0, abs=1e-20)
+    centre = torch.full((1, 3, 4, 4), 10.0, dtype=torch.float64)  # distance to a far point: |grad| = 1
+    distance = lambda x: (x - centre).flatten(1).norm(dim=1)  # noqa: E731
+    assert w.gradient_penalty(distance, real, fake).item() == pytest.approx(0, abs=1e-20)
+
+
+def test_alpha_is_one_per_sample_and_fake_is_detached():
+    torch.manual_seed(1)
+    real, fake = torch.zeros(8, 3, 5, 5), torch.ones(8, 3, 5, 5)
+    x_hat = w.interpolate(real, fake)
+    per_sample = x_hat.flatten(1)
+    assert torch.equal(per_sample, per_sample[:, :1].expand_as(per_sample))  # one alpha broadcast over C, H, W
+    assert per_sample[:, 0].unique().numel() == 8 and ((x_hat >= 0) & (x_hat <= 1)).all()
+    fake = torch.randn(4, 3, 8, 8, requires_grad=True)
+    w.gradient_penalty(Linear(torch.randn(3, 8, 8)), torch.randn(4, 3, 8, 8), fake).backward()
+    assert fake.grad is None
+
+
+def test_critic_step_builds_no_generator_graph():
+    torch.manual_seed(0)
+    args = tiny_args()
+    generator, critic = w.Generator(args), w.Critic(args)
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-4)
+    stats = w.critic_step(generator, critic, opt, torch.rand(4, 3, 32, 32) * 2 - 1, args)
+    assert all(p.grad is None for p in generator.parameters())
+    assert all(p.grad is not None for p in critic.parameters())
+    assert set(stats) == {"loss_critic", "wasserstein", "gp", "drift"}
+    assert all(v.shape == () and not v.requires_grad for v in stats.values())
+    w.generator_step(generator, critic, torch.optim.Adam(generator.parameters()), args)
+    assert all(p.requires_grad for p in critic.parameters())  # unfrozen again after the generator step
+
+
+def test_one_pass_equals_three_passes():
+    torch.manual_seed(0)
+    critic = w.Critic(tiny_args("--critic-dropout", "0"))
+    parts = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    fused = critic(torch.cat(parts), groups=3)
+    separate = torch.cat([critic(p) for p in parts])
+    assert torch.allclose(fused, separate, atol=1e-5)
+
+
+def test_critic_steps_raise_the_wasserstein_estimate():
+    """Against a fixed generator the critic maximises D(real) - D(fake): the estimate must grow."""
+    torch.manual_seed(0)
+    args = tiny_args("--critic-dropout", "0")
+    generator, critic = w.Generator(args), w.Critic(args)
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-3, betas=(0.0, 0.99))
+    real = torch.rand(4, 3, 32, 32) * 0.2 + 0.6  # bright, flat images: easy to tell from fakes
+    estimates = [w.critic_step(generator, critic, opt, real, args)["wasserstein"].item() for _ in range(40)]
+    assert np.mean(estimates[-5:]) > np.mean(estimates[:5]) + 0.5
+
+
+# ------------------------------------------------------------------------------------------------ layers
+def test_pixel_norm_gives_unit_mean_square_per_pixel():
+    x = torch.randn(3, 16, 5, 5) * 7
+    assert torch.allclose(w.pixel_norm(x).square().mean(dim=1), torch.ones(3, 5, 5), atol=1e-5)
+
+
+def test_minibatch_stddev_matches_hand_computation():
+    x = torch.tensor([1.0, 2.0, 4.0, 8.0]).view(4, 1, 1, 1).expand(4, 2, 1, 1).clone()
+    x[:, 1] *= 3
+    out = w.minibatch_stddev(x, group_size=2)
+    assert out.shape == (4, 3, 1, 1) and torch.equal(out[:, :2], x)
+    # strided groups: {0, 2} = {1, 4} and {1, 3} = {2, 8}; biased std, eps inside, mean over channels
+    std = lambda a, b, k: math.sqrt(((k * a - k * b) / 2) ** 2 + 1e-8)  # noqa: E731
+    g0 = (std(1, 4, 1) + std(1, 4, 3)) / 2
+    g1 = (std(2, 8, 1) + std(2, 8, 3)) / 2
+    assert out[:, 2].flatten().tolist() == pytest.approx([g0, g1, g0, g1], rel=1e-6)
+    halves = w.minibatch_stddev(torch.cat([x, x + 100]), group_size=2, groups=2)
+    assert torch.allclose(halves[:, 2].flatten(), torch.tensor([g0, g1, g0, g1] * 2), rtol=1e-5)
+
+
+def test_minibatch_stddev_rejects_indivisible_batch(capsys):
+    with pytest.raises(ValueError, match="not a multiple of the group size 4"):
+        w.minibatch_stddev(torch.zeros(6, 2, 4, 4), group_size=4)
+    line = expect_exit(capsys, TINY + ["--batch-size", "6", "--data", "x"])
+    assert "--batch-size 6" in line and "group size 4" in line
+
+
+def test_equalized_lr_init_and_runtime_scale():
+    torch.manual_seed(0)
+    conv = w.Conv(64, 64, 3, equalized=True)
+    fan_in = 64 * 9
+    assert conv.scale == pytest.approx(math.sqrt(2 / fan_in))
+    assert conv.weight.std().item() == pytest.approx(1.0, abs=0.02)
+    assert conv.weight.mean().item() == pytest.approx(0.0, abs=0.02)
+    x = torch.randn(2, 64, 6, 6)
+    assert torch.allclose(conv(x), F.conv2d(x, conv.weight * math.sqrt(2 / fan_in), conv.bias, padding=1),
+                          atol=1e-5)
+    plain = w.Conv(64, 64, 3)
+    assert plain.scale == 1.0 and plain.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.05)
+    head = w.Critic(tiny_args("--equalized-lr")).head
+    assert head.scale == pytest.approx(1 / math.sqrt(head.weight.shape[1]))  # gain 1 for the last layer
+
+
+def test_ema_update_is_exact():
+    args = tiny_args()
+    generator = w.Generator(args)
+    ema = w.Generator(args)
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.add_(torch.randn_like(p))  # biases start at zero in both: make every tensor differ
+    before = [p.detach().clone().double() for p in ema.parameters()]
+    w.update_ema(ema, generator, 0.999)
+    for avg, new, g in zip(before, ema.parameters(), generator.parameters()):
+        expected = 0.999 * avg + 0.001 * g.detach().double()
+        assert torch.allclose(new.double(), expected, rtol=1e-6, atol=1e-9)
+        assert not torch.allclose(new.double(), avg, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_shapes_and_output_range(size):
+    args = tiny_args("--image-size", str(size))
+    generator, critic = w.Generator(args), w.Critic(args)
+    x = generator(torch.randn(4, 16) * 50)  # large z: tanh must still bound it
+    assert x.shape == (4, 3, size, size) and x.min() >= -1 and x.max() <= 1
+    assert critic(x).shape == (4,)
+    doublings = int(math.log2(size // 8))
+    convs = sum(isinstance(m, w.Conv) for m in generator.modules())
+    assert convs == 2 + doublings + 1 + 1  # 8x8 pair, one per doubling, one extra, to-RGB
+
+
+# ------------------------------------------------------------------------------------------- lr schedule
+def test_seed_schedule_boundaries():
+    stages = w.parse_schedule("seed")
+    expect = {0: 1e-4, 99: 1e-4, 100: 5e-5, 399: 5e-5, 800: 2.5e-5, 1099: 2.5e-5, 1100: 2e-5, 9999: 2e-5}
+    for epoch, lr in expect.items():
+        assert w.lr_at(stages, epoch) == lr, epoch
+    draws = [w.lr_at(stages, e) for e in [400] * 50 + [799] * 50]
+    assert all(2e-5 <= d <= 6e-5 for d in draws) and len(set(draws)) == 100
+
+
+@pytest.mark.parametrize("text", ["100:1e-4,", "abc", "100:rand(1e-4)", "0:1e-4", "10:rand(5e-5,1e-5)",
+                                  "10:fast"])
+def test_malformed_schedule_is_refused(text, capsys):
+    with pytest.raises(ValueError):
+        w.parse_schedule(text)
+    assert "--lr-schedule" in expect_exit(capsys, TINY + ["--lr-schedule", text, "--data", "x"])
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def test_augmentation_keeps_shape_and_range_and_is_seeded(folder):
+    files = w.scan_folder(folder)
+    augmented = w.ImageFolder(files, tiny_args())
+    plain = w.ImageFolder(files, tiny_args("--no-augment"))
+    a, b, c = augmented[(0, 1)], augmented[(0, 1)], augmented[(0, 2)]
+    assert a.shape == (3, 32, 32) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a, plain[(0, 1)])
+    assert torch.equal(plain[(0, 1)], plain[(0, 2)])  # no augmentation: seeds do not matter
+    assert plain[(0, 1)].min() >= -1 and plain[(0, 1)].max() <= 1
+    assert w.build_augment(tiny_args("--no-augment")) is None
+
+
+def test_image_modes_are_converted(tmp_path):
+    gray = tmp_path / "g.png"
+    Image.fromarray(np.full((10, 12), 200, np.uint8)).save(gray)
+    rgba = tmp_path / "a.png"
+    Image.fromarray(np.dstack([np.full((10, 12, 3), 100, np.uint8), np.zeros((10, 12), np.uint8)])).save(rgba)
+    deep = tmp_path / "d.png"
+    Image.fromarray(np.full((10, 12), 65535 // 2, np.uint16)).save(deep)
+    for path, value in ((gray, 200), (rgba, 0), (deep, 128)):
+        im = w.load_image(path, 3)
+        assert im.mode == "RGB" and abs(int(np.asarray(im)[0, 0, 0]) - value) <= 1, path
+    assert w.load_image(gray, 1).mode == "L"
+    assert w.fit_square(w.load_image(deep, 3), 32, "pad").shape == (3, 32, 32)
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def real_subset(tmp_path, fish_dir, count=32):
+    if fish_dir is None:
+        return make_folder(tmp_path / "fish", count)
+    dest = tmp_path / "fish"
+    for species in sorted(fish_dir.iterdir())[:4]:
+        (dest / species.name).mkdir(parents=True)
+        for f in sorted(species.iterdir())[:count // 4]:
+            shutil.copy(f, dest / species.name / f.name)
+    return dest
+
+
+def test_short_real_run_writes_everything(tmp_path, fish_dir):
+    data = real_subset(tmp_path, fish_dir)
+    out = run(tmp_path, data, "--iters", "6", "--sample-every", "3", "--ckpt-every", "3")
+    for name in ("args.json", "metrics.jsonl", "ckpt/last.pt", "progress.gif", "interpolation.png",
+                 "nearest_neighbours.png", "samples/iter_000003.png", "samples/iter_000006.png"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records] == [2, 4, 6]
+    for r in records:
+        assert all(math.isfinite(r[k]) for k in ("loss_critic", "loss_gen", "wasserstein", "gp", "images_per_s"))
+    assert Image.open(out / "interpolation.png").size == (10 * 32 + 11 * 2, 4 * 32 + 5 * 2)
+    assert json.loads((out / "args.json").read_text())["iters"] == 6
+
+
+def weights(run_dir):
+    ckpt = torch.load(run_dir / "ckpt" / "last.pt", weights_only=True)
+    return {f"{part}.{k}": v for part in ("generator", "critic", "ema") for k, v in ckpt[part].items()}
+
+
+def test_resume_is_bit_exact(tmp_path, folder):
+    common = ["--torch-deterministic", "--lr-schedule", "1:1e-4,1:rand(1e-5,1e-4)", "--sample-every", "0"]
+    straight = run(tmp_path, folder, "--iters", "6", *common, name="straight")
+    run(tmp_path, folder, "--iters", "3", *common, name="split")
+    w.main(["--resume", str(tmp_path / "runs" / "split"), "--iters", "6"])
+    a, b = weights(straight), weights(tmp_path / "runs" / "split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.load(tmp_path / "runs" / "split" / "ckpt" / "last.pt", weights_only=True)["iteration"] == 6
+    # and the check can fail: a different seed gives different weights
+    other = run(tmp_path, folder, "--iters", "6", "--seed", "2", *common, name="other")
+    assert not all(torch.equal(a[k], v) for k, v in weights(other).items())
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, folder, monkeypatch, capsys):
+    step = w.critic_step
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        stats = step(*args)
+        if calls["n"] > 2 * 4:  # critic-its 2: from iteration 5 on
+            stats["loss_critic"] = stats["loss_critic"] * float("nan")
+        return stats
+
+    monkeypatch.setattr(w, "critic_step", poisoned)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, folder, "--iters", "12", "--ckpt-every", "4", "--log-every", "3")
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at iteration 5" in err
+    ckpt = torch.load(tmp_path / "runs" / "r" / "ckpt" / "last.pt", weights_only=True)
+    assert ckpt["iteration"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["critic"].values())
+
+
+def test_sample_mode_writes_pngs(tmp_path, folder):
+    out = run(tmp_path, folder, "--iters", "2", "--sample-every", "0")
+    w.main(["--resume", str(out), "--sample", "5", "--sample-out", str(tmp_path / "gen")])
+    pngs = sorted((tmp_path / "gen").glob("*.png"))
+    assert len(pngs) == 5 and Image.open(pngs[0]).size == (32, 32)
+
+
+def test_config_file_and_command_line_precedence(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"critic-its": 4, "gp_lambda": 3.0, "image-size": 128, "run_name": "ignored"}))
+    args = w.parse_args(["--config", str(cfg), "--image-size", "32"])
+    assert (args.critic_its, args.gp_lambda, args.image_size, args.run_name) == (4, 3.0, 32, None)
+    yml = tmp_path / "c.yaml"
+    yml.write_text("critic_its: 7\nlr: 0.0002\n")
+    args = w.parse_args(["--config", str(yml)])
+    assert (args.critic_its, args.lr) == (7, 2e-4)
+    saved = tmp_path / "args.json"
+    saved.write_text(json.dumps(vars(tiny_args("--critic-its", "3"))))
+    assert w.parse_args(["--config", str(saved)]).critic_its == 3  # a run's args.json is a config
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_bad_inputs_get_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    cfg = tmp_path / "bad.json"
+    cfg.write_text('{"critic_its": 2, "warp_speed": 9}')
+    cases = {
+        "--data is required": [],
+        "no such folder": ["--data", str(tmp_path / "missing")],
+        "no readable images": ["--data", str(tmp_path / "empty")],
+        "no readable images (": ["--data", str(tmp_path / "notes")],
+        "invalid choice: 48": ["--data", str(tmp_path), "--image-size", "48"],
+        "--batch-size must be at least 1": ["--data", str(tmp_path), "--batch-size", "0"],
+        "unknown setting(s) warp_speed": ["--config", str(cfg)],
+        "--critic-its must be at least 1": ["--critic-its", "0"],
+    }
+    for expected, argv in cases.items():
+        assert expected in expect_exit(capsys, TINY + argv), expected
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, capsys):
+    data = make_folder(tmp_path / "mixed", 12)
+    (data / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (data / "class_1" / "junk.jpg").write_bytes(b"garbage")
+    out = run(tmp_path, data, "--iters", "2")
+    assert "skipped 2 unreadable image file(s) of 14" in capsys.readouterr().out
+    assert (out / "ckpt" / "last.pt").is_file()
+
+
+def test_truncated_checkpoint_is_refused(tmp_path, folder, capsys):
+    out = run(tmp_path, folder, "--iters", "2", "--sample-every", "0")
+    ckpt = out / "ckpt" / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    capsys.readouterr()
+    line = expect_exit(capsys, ["--resume", str(out)])
+    assert "not a readable checkpoint" in line and "last.pt" in line
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    script = Path(w.__file__)
+    result = subprocess.run([sys.executable, str(script), "--data", str(tmp_path / "nowhere")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"wgan_gp_64.py: error: --data {tmp_path / 'nowhere'}: "
+                                                  "no such folder"]
