@@ -150,9 +150,9 @@ def read_config(path, parser):
 
 def given_flags(argv):
     """The flags written on the command line (no defaults), to override a resumed run's saved args."""
-    p = build_parser()
-    p.set_defaults(**{k: argparse.SUPPRESS for k in vars(p.parse_args([]))})
-    return vars(p.parse_args(argv))
+    p, unset = build_parser(), object()
+    given = p.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(p.parse_args([]))}))
+    return {k: v for k, v in vars(given).items() if v is not unset}
 
 
 def parse_args(argv=None):
