@@ -503,11 +503,11 @@ def critic_step(generator, critic, opt_critic, real, args):
     z = torch.randn(n, args.latent_dim, device=real.device)
     with torch.no_grad(), autocast(real.device, args.amp):
         fake = generator(z).to(real.dtype)
-    x_hat = interpolate(real, fake)
+    parts = [real, fake, interpolate(real, fake)] if args.gp_lambda else [real, fake]
     with autocast(real.device, args.amp):
-        scores = critic(torch.cat([real, fake, x_hat]), groups=3).float()
-    d_real, d_fake, d_hat = scores.split(n)
-    gp = penalty(d_hat, x_hat)
+        scores = critic(torch.cat(parts), groups=len(parts)).float().split(n)
+    d_real, d_fake = scores[:2]
+    gp = penalty(scores[2], parts[2]) if args.gp_lambda else torch.zeros((), device=real.device)
     wasserstein = d_real.mean() - d_fake.mean()
     drift = d_real.square().mean()
     loss = -wasserstein + args.gp_lambda * gp + args.drift * drift
@@ -671,7 +671,8 @@ def compute_fid(generator, files, args, device):
         input1=Uint8Images(fake), input2=Uint8Images(folder=ImageFolder(real_files, args, augment=False)),
         input2_cache_name=f"real-{key.hexdigest()[:16]}", cache_root=str(Path(args.out) / ".fid_cache"),
         cache=True, fid=True, kid=True, kid_subset_size=min(1000, n), cuda=device.type == "cuda",
-        feature_extractor_weights_path=args.fid_weights, verbose=False, batch_size=min(100, n))
+        feature_extractor_weights_path=args.fid_weights, verbose=False, batch_size=min(100, n),
+        save_cpu_ram=device.type != "cuda")  # in-memory fakes: loader workers only thrash a CPU
     return {"fid": metrics["frechet_inception_distance"], "kid": metrics["kernel_inception_distance_mean"],
             "fid_n": n}
 
