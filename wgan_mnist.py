@@ -272,11 +272,11 @@ class Critic(nn.Module):
 # --------------------------------------------------------------------------------------------- losses
 def gradient_penalty(critic, real, fake):
     """Unscaled mean((||dD/dx_hat||_2 - 1)^2), norm over all non-batch dims, one alpha per sample."""
-    alpha = torch.rand(real.shape[0], *[1] * (real.dim() - 1), device=real.device)
+    alpha = torch.rand(real.shape[0], *[1] * (real.dim() - 1), device=real.device, dtype=real.dtype)
     x_hat = (real + alpha * (fake.detach() - real)).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
-    # bf16 autocast gives a bf16 gradient; no GradScaler is used, so it needs no unscaling, only fp32 math
-    return (grad.float().flatten(1).norm(dim=1) - 1).pow(2).mean()
+    # bf16 autocast gives a bf16 gradient: no GradScaler is used, so no unscaling; the norm in real's dtype
+    return (grad.flatten(1).to(real.dtype).norm(dim=1) - 1).pow(2).mean()
 
 
 def critic_iters_for(step, args):
@@ -381,7 +381,7 @@ def fid_vs_test(images, test_images, args, device):
     m = torch_fidelity.calculate_metrics(
         input1=RGBImages(images), input2=RGBImages(subset(test_images, n, 0)), fid=True, kid=True,
         kid_subset_size=min(1000, n), feature_extractor_weights_path=args.fid_weights,
-        cuda=device.type == "cuda", batch_size=100, verbose=False, cache=True,
+        cuda=device.type == "cuda", batch_size=100, verbose=False, cache=True, save_cpu_ram=True,  # no workers
         cache_root=str(Path(args.out) / ".fid_cache"), input2_cache_name=f"{args.dataset}-test-first{n}-seed0-28px")
     return {"fid": m["frechet_inception_distance"], "kid": m["kernel_inception_distance_mean"], "fid_n": n}
 
@@ -492,6 +492,8 @@ def main(argv=None):
     def check_finite():
         bad = int(first_bad)
         if bad >= 0:
+            if bar:
+                bar.close()
             print(f"{PROG}: non-finite loss at iteration {bad}; stopped, last good checkpoint kept at {ckpt_path}",
                   file=sys.stderr)
             raise SystemExit(1)

@@ -1,0 +1,285 @@
+"""Tests for wgan_mnist.py (CPU, tiny sizes). Tiny IDX files in torchvision's layout stand in for MNIST
+where the real data is not the point; one test trains briefly on the real ../shared/data/MNIST."""
+import json
+import struct
+
+import pytest
+import torch
+import torch.nn as nn
+
+import wgan_mnist as wm
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two threads on two shared cores oversubscribe and run ~20x slower here; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_idx(path, array, magic):
+    path.write_bytes(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+                     + array.numpy().tobytes())
+
+
+@pytest.fixture
+def tiny_root(tmp_path):
+    """MNIST/raw with 96 train and 32 test images of bright squares at random places."""
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 96), ("t10k", 32)):
+        images = torch.zeros(n, 28, 28, dtype=torch.uint8)
+        for i, (r, c) in enumerate(torch.randint(2, 18, (n, 2), generator=g).tolist()):
+            images[i, r:r + 8, c:c + 8] = 255
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images, 0x803)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", torch.zeros(n, dtype=torch.uint8), 0x801)
+    return tmp_path / "data"
+
+
+def tiny_argv(root, tmp_path, *extra, name="r"):
+    return ["--data", str(root), "--out", str(tmp_path / "runs"), "--run-name", name, "--batch-size", "8",
+            "--latent-dim", "8", "--log-every", "1", "--sample-every", "0", "--ckpt-every", "0", *extra]
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def fake_batch(n=4, seed=0):
+    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# ------------------------------------------------------------------------------------------ clipping
+def test_every_critic_step_clips_critic_only(tiny_root, tmp_path, monkeypatch):
+    c, original, seen = 0.01, wm.critic_step, []
+
+    def checked(generator, critic, opt, real, args):
+        if not seen:  # make the clip do work: push critic weights far outside [-c, c]
+            with torch.no_grad():
+                for p in critic.parameters():
+                    p.normal_(0, 1)
+        out = original(generator, critic, opt, real, args)
+        seen.append(max(p.abs().max().item() for p in critic.parameters()))
+        checked.generator = generator
+        return out
+
+    monkeypatch.setattr(wm, "critic_step", checked)
+    wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "3", "--critic-its", "2", "--clip-value", str(c)))
+    assert len(seen) == 6 and all(m <= c for m in seen)
+    # generator weights are initialised well above c and must not be clipped
+    assert max(p.abs().max().item() for p in checked.generator.parameters()) > 10 * c
+
+
+@pytest.mark.parametrize("penalty", ["clip", "gp"])
+def test_gp_mode_switches_clipping_off(penalty):
+    args = wm.parse_args(["--penalty", penalty, "--batch-size", "4", "--latent-dim", "8"])
+    gen, critic = wm.Generator(args), wm.Critic(args)
+    with torch.no_grad():
+        for p in critic.parameters():
+            p.normal_(0, 1)
+    _, opt_c = wm.make_optimizers(gen, critic, args)
+    out = wm.critic_step(gen, critic, opt_c, fake_batch(), args)
+    largest = max(p.abs().max().item() for p in critic.parameters())
+    if penalty == "clip":
+        assert largest <= args.clip_value and "gp" not in out
+    else:
+        assert largest > 1.0
+        assert torch.allclose(out["loss_critic"], -out["wasserstein"] + 10 * out["gp"])
+
+
+# ---------------------------------------------------------------------------------------- optimizers
+@pytest.mark.parametrize("argv, cls, lr", [
+    ([], torch.optim.RMSprop, 5e-5),
+    (["--optimizer", "adam"], torch.optim.Adam, 5e-5),
+    (["--lr", "5e-4"], torch.optim.RMSprop, 5e-4),
+    (["--penalty", "gp"], torch.optim.Adam, 1e-4),
+    (["--penalty", "gp", "--optimizer", "rmsprop", "--lr", "3e-4"], torch.optim.RMSprop, 3e-4),
+])
+def test_optimizer_settings(argv, cls, lr):
+    args = wm.parse_args(argv + ["--arch", "mlp"])
+    for opt in wm.make_optimizers(wm.Generator(args), wm.Critic(args), args):
+        assert type(opt) is cls
+        group = opt.param_groups[0]
+        assert group["lr"] == lr
+        if cls is torch.optim.Adam:
+            assert group["betas"] == (0.5, 0.9)
+        else:
+            assert (group["alpha"], group["eps"], group["momentum"], group["centered"]) == (0.99, 1e-8, 0, False)
+
+
+# ------------------------------------------------------------------------------------ warm-up schedule
+def test_critic_warmup_schedule():
+    warm = wm.parse_args(["--critic-warmup"])
+    expected = {s: 100 if s < 25 or s % 500 == 0 else 5 for s in range(0, 2001)}
+    assert {s: wm.critic_iters_for(s, warm) for s in expected} == expected
+    assert wm.critic_iters_for(24, warm) == 100 and wm.critic_iters_for(25, warm) == 5
+    assert wm.critic_iters_for(1000, warm) == 100 and wm.critic_iters_for(1001, warm) == 5
+    plain = wm.parse_args(["--critic-its", "3"])
+    assert {wm.critic_iters_for(s, plain) for s in range(1001)} == {3}
+
+
+@pytest.mark.parametrize("extra, calls", [(["--critic-warmup"], 200), (["--critic-its", "3"], 6)])
+def test_main_uses_the_schedule(tiny_root, tmp_path, monkeypatch, extra, calls):
+    count, original = [0], wm.critic_step
+
+    def counting(*a):
+        count[0] += 1
+        return original(*a)
+
+    monkeypatch.setattr(wm, "critic_step", counting)
+    wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "2", "--arch", "mlp", *extra))
+    assert count[0] == calls
+
+
+# -------------------------------------------------------------------------------------------- penalty
+class LinearCritic(nn.Module):
+    """D(x) = w . flatten(x); its input gradient is w everywhere, so GP = (||w|| - 1)^2 exactly."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w)
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach())
+        return x.flatten(1) @ self.w.flatten()
+
+
+def test_gradient_penalty_linear_critic():
+    w = torch.randn(1, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    real, fake = fake_batch(6, 1).double(), fake_batch(6, 2).double()
+    gp = wm.gradient_penalty(LinearCritic(w), real, fake)
+    assert torch.allclose(gp, (w.norm() - 1) ** 2, rtol=1e-12)
+    assert gp.item() > 1  # ||w|| ~ 28: a per-pixel (dim=1) norm would give a very different value
+    unit = wm.gradient_penalty(LinearCritic(w / w.norm()), real, fake)
+    assert abs(unit.item()) < 1e-20
+
+
+def test_gradient_penalty_alpha_per_sample():
+    critic = LinearCritic(torch.ones(1, 28, 28))
+    real, fake = torch.zeros(8, 1, 28, 28), torch.ones(8, 1, 28, 28)
+    torch.manual_seed(0)
+    wm.gradient_penalty(critic, real, fake)
+    alpha = critic.inputs[0].flatten(1)  # x_hat = alpha * 1 here
+    assert torch.all(alpha == alpha[:, :1])  # one alpha per sample, shared over C, H, W
+    assert alpha[:, 0].unique().numel() == 8 and alpha.min() >= 0 and alpha.max() <= 1
+
+
+# ------------------------------------------------------------------------------------------ real data
+def test_short_mnist_run_wasserstein_rises(mnist_root, tmp_path):
+    wm.main(["--data", str(mnist_root), "--out", str(tmp_path), "--run-name", "m", "--iters", "12",
+             "--batch-size", "32", "--log-every", "4", "--sample-every", "0", "--ckpt-every", "0"])
+    w = [row["wasserstein"] for row in read_metrics(tmp_path / "m")]
+    assert w[-1] > 0 and w[-1] > w[0], w
+
+
+# ----------------------------------------------------------------------------------- resume and files
+def test_resume_is_bit_exact(tiny_root, tmp_path):
+    base = ["--torch-deterministic", "--critic-its", "2"]
+    wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "6", *base, name="straight"))
+    wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "3", *base, name="split"))
+    wm.main(["--resume", str(tmp_path / "runs" / "split"), "--iters", "6"])  # folder form, args from ckpt
+    a = torch.load(tmp_path / "runs" / "straight" / "ckpt" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "runs" / "split" / "ckpt" / "last.pt", weights_only=False)
+    torch.use_deterministic_algorithms(False)
+    assert a["step"] == b["step"] == 6
+    for net in ("generator", "critic"):
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), (net, key)
+
+
+def test_run_folder_contents(tiny_root, tmp_path):
+    wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "4", "--sample-every", "2", "--log-every", "2"))
+    wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "2", "--penalty", "gp", name="g"))
+    run = tmp_path / "runs" / "r"
+    assert json.loads((run / "args.json").read_text())["iters"] == 4
+    rows = read_metrics(run)
+    assert [r["iter"] for r in rows] == [2, 4]
+    keys = {"iter", "loss_critic", "loss_gen", "wasserstein", "lr", "images_per_s", "seconds", "clip_fraction"}
+    assert all(keys <= set(r) and 0 <= r["clip_fraction"] <= 1 for r in rows)
+    assert "gp" in read_metrics(tmp_path / "runs" / "g")[-1]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["iter_000002.png", "iter_000004.png"]
+    assert (run / "ckpt" / "last.pt").is_file() and (run / "progress.gif").is_file()
+
+
+def test_fid_is_logged(tiny_root, tmp_path, fid_weights):
+    # 10 generated vs 10 test images only: checks the plumbing, not a meaningful FID
+    wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "1", "--critic-its", "1", "--fid-every", "1",
+                      "--fid-samples", "10", "--fid-weights", str(fid_weights)))
+    row = read_metrics(tmp_path / "runs" / "r")[-1]
+    assert row["fid_n"] == 10 and row["fid"] > 0 and "kid" in row
+
+
+def test_config_file_and_flags_win(tiny_root, tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"critic-its": 3, "batch_size": 16, "penalty": "gp", "run_name": "ignored"}))
+    args, _ = wm.build_args(["--config", str(cfg), "--critic-its", "2"])
+    assert (args.critic_its, args.batch_size, args.penalty, args.optimizer, args.run_name) == (2, 16, "gp", "adam", None)
+    wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "1", "--critic-warmup"))
+    saved = tmp_path / "runs" / "r" / "args.json"  # a run's args.json works as a config
+    args, _ = wm.build_args(["--config", str(saved), "--iters", "7"])
+    assert (args.iters, args.critic_warmup, args.batch_size) == (7, True, 8)
+    cfg.write_text(json.dumps({"no-such-flag": 1}))
+    with pytest.raises(SystemExit) as e:
+        wm.build_args(["--config", str(cfg)])
+    assert e.value.code == 2
+
+
+# --------------------------------------------------------------------------------------------- failure
+def assert_one_line_error(capsys, argv, *words):
+    with pytest.raises(SystemExit) as e:
+        wm.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("wgan_mnist.py: error:"), err
+    assert "Traceback" not in err and "usage" not in err
+    for word in words:
+        assert word in err, err
+
+
+def test_missing_data_names_folder_and_flag(tmp_path, capsys):
+    assert_one_line_error(capsys, ["--data", str(tmp_path / "nothing"), "--out", str(tmp_path)],
+                          str(tmp_path / "nothing" / "MNIST" / "raw"), "--download")
+    assert not (tmp_path / "nothing").exists()  # nothing downloaded or created
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--dataset", "cifar10"], "--dataset"),
+    (["--clip-value", "-0.01"], "--clip-value"),
+    (["--critic-its", "0"], "--critic-its"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--no-such-flag"], "--no-such-flag"),
+])
+def test_bad_flags(tmp_path, capsys, argv, flag):
+    assert_one_line_error(capsys, argv + ["--out", str(tmp_path)], flag)
+
+
+def test_corrupt_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    assert_one_line_error(capsys, ["--resume", str(bad)], "--resume", str(bad))
+
+
+def test_nan_stops_run_and_keeps_good_checkpoint(tiny_root, tmp_path, monkeypatch, capsys):
+    original, calls = wm.critic_step, [0]
+
+    def poisoned(*a):
+        out = original(*a)
+        calls[0] += 1
+        if calls[0] > 8:  # 2 critic steps per iteration: iteration 5 is the first bad one
+            out["loss_critic"] = out["loss_critic"] * float("nan")
+        return out
+
+    monkeypatch.setattr(wm, "critic_step", poisoned)
+    with pytest.raises(SystemExit) as e:
+        wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "10", "--critic-its", "2", "--ckpt-every", "2",
+                          "--log-every", "3"))
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "iteration 5" in err, err
+    ckpt = torch.load(tmp_path / "runs" / "r" / "ckpt" / "last.pt", weights_only=False)
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["critic"].values())
