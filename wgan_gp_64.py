@@ -82,7 +82,7 @@ def build_parser():
     a("--g-channels", type=int, default=128, help="generator width")
     a("--d-channels", type=int, default=128, help="critic width (doubled from the 4x4 stage on)")
     a("--critic-dropout", type=float, default=0.5, help="dropout after every critic layer")
-    a("--mbstd-group", type=int, default=4, help="minibatch-stddev group size (min(group, batch) is used)")
+    a("--mbstd-group", type=int, default=4, help="minibatch-stddev group size (min(group, batch) is used; 1 = a constant channel, i.e. off)")
     a("--equalized-lr", action="store_true", help="N(0,1) weights scaled at run time by sqrt(2/fan_in)")
     a("--iters", type=int, default=100_000, help="generator steps")
     a("--batch-size", type=int, default=32, help="images per critic step (per process under torchrun)")
