@@ -20,6 +20,9 @@ Where this departs from the paper or the seed notebook:
   Its critic dropout was 0.4; here 0.5, as its README says. It reused one real batch for all critic steps; here
   every critic step draws a fresh batch. It ran 4 critic steps; the default here is 5 (`--critic-its 4` = seed).
 - The latent vector is pixel-normalised before the first layer, as in ProGAN.
+- The EMA decay warms up as min(0.999, (1 + t) / (10 + t)) (TensorFlow's ExponentialMovingAverage rule): with a
+  constant 0.999 the average is still 37% the random initial weights after 1,000 steps, so early samples and FIDs
+  would show noise. From step ~9,000 on it is the seed's 0.999; `--no-ema-warmup` gives the constant decay.
 - Keras' `zoom_range=[0.95, 1.2]` divides coordinates, so images are scaled by 1/1.2 .. 1/0.95 here; its
   `fill_mode='nearest'` is reproduced by edge-padding before the affine transform and cropping after it.
 - Real, fake and interpolated images go through the critic in one forward pass (3N images); minibatch stddev is
@@ -93,6 +96,8 @@ def build_parser():
     a("--gp-lambda", type=float, default=10.0, help="gradient penalty weight")
     a("--drift", type=float, default=0.001, help="weight of mean D(real)^2 (ProGAN's drift term)")
     a("--ema", type=float, default=0.999, help="decay of the generator's moving average (0 disables)")
+    a("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+      help="decay min(ema, (1+t)/(10+t)) at step t, so early samples are not the random initial weights")
     a("--augment", action=argparse.BooleanOptionalAction, default=True, help="all augmentation on/off")
     a("--rotation", type=float, default=25.0, help="max rotation in degrees")
     a("--shift-x", type=float, default=0.05, help="max horizontal shift, fraction of width")
@@ -830,7 +835,8 @@ def main(argv=None):
                 images_seen += args.batch_size * world
             stats.update(generator_step(generator, critic, opt_g, args))
             if ema is not None:
-                update_ema(ema, generator, args.ema)
+                decay = min(args.ema, iteration / (iteration + 9)) if args.ema_warmup else args.ema
+                update_ema(ema, generator, decay)
             values = torch.stack([stats[k] for k in keys])
             totals += values
             first_bad = torch.where((first_bad < 0) & ~values.isfinite().all(), iteration, first_bad)

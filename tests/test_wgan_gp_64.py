@@ -188,6 +188,15 @@ def test_ema_update_is_exact():
         assert not torch.allclose(new.double(), avg, rtol=1e-6, atol=1e-9)
 
 
+def test_training_uses_the_ema_decay_and_its_warmup(tmp_path, folder, monkeypatch):
+    decays = []
+    update = w.update_ema
+    monkeypatch.setattr(w, "update_ema", lambda ema, g, d: (decays.append(d), update(ema, g, d)))
+    run(tmp_path, folder, "--iters", "3", "--sample-every", "0", name="warm")
+    run(tmp_path, folder, "--iters", "2", "--sample-every", "0", "--no-ema-warmup", "--ema", "0.99", name="flat")
+    assert decays == pytest.approx([1 / 10, 2 / 11, 3 / 12, 0.99, 0.99])
+
+
 @pytest.mark.parametrize("size", [32, 64, 128])
 def test_shapes_and_output_range(size):
     args = tiny_args("--image-size", str(size))
