@@ -38,6 +38,7 @@ Public step functions (signatures chosen here):
 Metrics (metrics.jsonl, one line per log step; all on a fixed z of --eval-samples latents):
     d_gz = mean D(G(z)); d_gnmz = mean D(G(NM(z))); morph_gap = d_gz - d_gnmz (positive when the morpher finds
     latents the critic likes less). In --no-morph runs d_gnmz and morph_gap are null: the morpher is not touched.
+    images_per_s = real samples per second through the critic steps since the last log line.
     Mixtures: hq_share = share of samples within 3 std of their nearest mode; modes_covered = number of modes
     holding at least COVER_SHARE (0.2) of their fair share n/K of those high-quality samples (with n = 2500 and
     25 modes: 20 samples, PacGAN's threshold). Swissroll: manifold_dist = mean Euclidean distance (data units,
@@ -522,7 +523,8 @@ def main(argv=None):
         ckpt, run_dir = load_checkpoint(args.resume)
         args = argparse.Namespace(**{**ckpt["args"], **given_flags(argv), "resume": args.resume})
     else:
-        run_dir = os.path.join(args.out, args.run_name or f"noise_morph__{args.dataset}__{args.seed}__{int(time.time())}")
+        name = args.run_name or f"noise_morph__{args.dataset}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join(args.out, name)
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: CUDA is not available here; use --device cpu or auto")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -545,7 +547,8 @@ def main(argv=None):
     generator, critic, morpher = Generator(args).to(device), Critic(args).to(device), NoiseMorpher(args).to(device)
     opts = [torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.9)) for m in (generator, critic, morpher)]
     use_morph = None if args.no_morph else morpher
-    fixed_z = sample_z(args.eval_samples, args.latent_dim, "cpu", torch.Generator().manual_seed(args.seed + 1)).to(device)
+    fixed_gen = torch.Generator().manual_seed(args.seed + 1)  # metrics on a fixed z, off the training RNG
+    fixed_z = sample_z(args.eval_samples, args.latent_dim, "cpu", fixed_gen).to(device)
     start, history = 0, []
     if ckpt:
         for module, opt, (m_state, o_state) in zip((generator, critic, morpher), opts, ckpt["models"]):
@@ -598,9 +601,11 @@ def main(argv=None):
             losses.append(stats["loss_gen"])
             bad = torch.where((bad < 0) & ~torch.isfinite(torch.stack(losses)).all(), it, bad)
             done, last = it, it == args.iters
-            log, sample = it % args.log_every == 0 or last, last or (args.sample_every and it % args.sample_every == 0)
-            fid, save = args.fid_every and it % args.fid_every == 0, last or (args.ckpt_every and it % args.ckpt_every == 0)
-            if not (log or sample or fid or save):
+            fid = args.fid_every and it % args.fid_every == 0
+            log = fid or last or it % args.log_every == 0
+            sample = last or (args.sample_every and it % args.sample_every == 0)
+            save = last or (args.ckpt_every and it % args.ckpt_every == 0)
+            if not (log or sample or save):
                 continue
             check_finite()
             if log:
@@ -637,10 +642,9 @@ def main(argv=None):
         if bar:
             bar.close()
     last = history[-1] if history else {}
-    extras = ", ".join(f"{k} {last[k]:.4g}" for k in ("modes_covered", "hq_share", "manifold_dist", "morph_gap", "fid")
-                       if last.get(k) is not None)
-    print(f"{SCRIPT}: {done} generator steps in {time.time() - t_start:.0f}s, W {last.get('wasserstein', float('nan')):.4g}"
-          f"{', ' + extras if extras else ''}; run folder {run_dir}")
+    keys = ("wasserstein", "modes_covered", "hq_share", "manifold_dist", "morph_gap", "fid")
+    extras = "".join(f", {k} {last[k]:.4g}" for k in keys if last.get(k) is not None)
+    print(f"{SCRIPT}: {done} generator steps in {time.time() - t_start:.0f}s{extras}; run folder {run_dir}")
     return run_dir
 
 
