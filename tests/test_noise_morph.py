@@ -315,3 +315,17 @@ def test_nan_loss_stops_with_exit_1_naming_the_iteration(tmp_path, monkeypatch, 
     assert e.value.code == 1
     assert "non-finite loss at iteration 2" in capsys.readouterr().err
     assert torch.load(tmp_path / "n" / "ckpt" / "last.pt", weights_only=False)["iter"] == 1
+
+
+def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(tmp_path, monkeypatch):
+    real_step, calls = nm.generator_step, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(nm, "generator_step", interrupted)
+    run_dir = run(tmp_path, "--iters", "10", "--sample-every", "0", "--run-name", "c")
+    assert torch.load(f"{run_dir}/ckpt/last.pt", weights_only=False)["iter"] == 2
