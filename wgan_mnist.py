@@ -18,7 +18,7 @@ Usage:
         --fid-weights ../shared/models/weights-inception-2015-12-05-6726825d.pth   # real-vs-real FID floor
     python wgan_mnist.py --resume runs/<run-name>                        # continue a run exactly
 
-Departures from the paper and the seed (see also .notes/README_wgan_mnist.md):
+Departures from the paper and the seed (PyTorch default initialisation throughout; the paper used N(0, 0.02)):
   1. dcgan critic has no BatchNorm (the paper's DCGAN critic had it); the generator keeps BatchNorm and is
      switched to eval mode only to draw sample grids and FID images.
   2. `--critic-warmup` (100 critic steps for generator steps 0..24 and every 500th) is off by default so that

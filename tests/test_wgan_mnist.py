@@ -26,16 +26,17 @@ def write_idx(path, array, magic):
 
 @pytest.fixture
 def tiny_root(tmp_path):
-    """MNIST/raw with 96 train and 32 test images of bright squares at random places."""
-    raw = tmp_path / "data" / "MNIST" / "raw"
-    raw.mkdir(parents=True)
+    """MNIST/raw and FashionMNIST/raw, each 96 train and 32 test images of bright squares at random places."""
     g = torch.Generator().manual_seed(0)
-    for prefix, n in (("train", 96), ("t10k", 32)):
-        images = torch.zeros(n, 28, 28, dtype=torch.uint8)
-        for i, (r, c) in enumerate(torch.randint(2, 18, (n, 2), generator=g).tolist()):
-            images[i, r:r + 8, c:c + 8] = 255
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", images, 0x803)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", torch.zeros(n, dtype=torch.uint8), 0x801)
+    for folder in ("MNIST", "FashionMNIST"):
+        raw = tmp_path / "data" / folder / "raw"
+        raw.mkdir(parents=True)
+        for prefix, n in (("train", 96), ("t10k", 32)):
+            images = torch.zeros(n, 28, 28, dtype=torch.uint8)
+            for i, (r, c) in enumerate(torch.randint(2, 18, (n, 2), generator=g).tolist()):
+                images[i, r:r + 8, c:c + 8] = 255
+            write_idx(raw / f"{prefix}-images-idx3-ubyte", images, 0x803)
+            write_idx(raw / f"{prefix}-labels-idx1-ubyte", torch.zeros(n, dtype=torch.uint8), 0x801)
     return tmp_path / "data"
 
 
@@ -203,6 +204,21 @@ def test_run_folder_contents(tiny_root, tmp_path):
     assert "gp" in read_metrics(tmp_path / "runs" / "g")[-1]
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["iter_000002.png", "iter_000004.png"]
     assert (run / "ckpt" / "last.pt").is_file() and (run / "progress.gif").is_file()
+
+
+def test_fashion_mnist_and_ctrl_c_checkpoint(tiny_root, tmp_path, monkeypatch, capsys):
+    original, calls = wm.generator_step, [0]
+
+    def interrupted(*a):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return original(*a)
+
+    monkeypatch.setattr(wm, "generator_step", interrupted)
+    wm.main(tiny_argv(tiny_root, tmp_path, "--dataset", "fashion-mnist", "--iters", "5", "--critic-its", "1"))
+    assert "interrupted at iteration 2" in capsys.readouterr().err
+    assert torch.load(tmp_path / "runs" / "r" / "ckpt" / "last.pt", weights_only=False)["step"] == 2
 
 
 def test_fid_is_logged(tiny_root, tmp_path, fid_weights):
