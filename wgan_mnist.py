@@ -438,6 +438,7 @@ def main(argv=None):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     if args.torch_deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     if cuda:
@@ -452,8 +453,8 @@ def main(argv=None):
     test_images = load_split(args, train=False) if args.fid_every else None
 
     generator, critic = Generator(args).to(device), Critic(args).to(device)
-    if cuda and args.arch == "dcgan":
-        generator, critic = generator.to(memory_format=torch.channels_last), critic.to(memory_format=torch.channels_last)
+    if cuda and args.arch == "dcgan":  # cuDNN's faster conv layout
+        generator, critic = (m.to(memory_format=torch.channels_last) for m in (generator, critic))
     opt_g, opt_c = make_optimizers(generator, critic, args)
     batches = Batches(train_images, args.batch_size, args.seed)
     fixed_z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
@@ -525,7 +526,8 @@ def main(argv=None):
                 check_finite()
                 now = time.time()
                 row = {"iter": step, **{k: float(sums[k]) / counts[k] for k in sums}, "lr": args.lr,
-                       "images_per_s": (critic_steps - last_log_critic_steps) * args.batch_size / (now - last_log_time),
+                       "images_per_s": (critic_steps - last_log_critic_steps) * args.batch_size
+                       / (now - last_log_time),
                        "seconds": now - start}
                 if args.penalty == "clip":
                     row["clip_fraction"] = clip_fraction(critic, args.clip_value)

@@ -233,7 +233,8 @@ def test_config_file_and_flags_win(tiny_root, tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"critic-its": 3, "batch_size": 16, "penalty": "gp", "run_name": "ignored"}))
     args, _ = wm.build_args(["--config", str(cfg), "--critic-its", "2"])
-    assert (args.critic_its, args.batch_size, args.penalty, args.optimizer, args.run_name) == (2, 16, "gp", "adam", None)
+    got = (args.critic_its, args.batch_size, args.penalty, args.optimizer, args.run_name)
+    assert got == (2, 16, "gp", "adam", None)
     wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "1", "--critic-warmup"))
     saved = tmp_path / "runs" / "r" / "args.json"  # a run's args.json works as a config
     args, _ = wm.build_args(["--config", str(saved), "--iters", "7"])
