@@ -100,7 +100,7 @@ def plan(pytestconfig):
         return Plan(device, True, rounds=3, warmup_rounds=1, iterations=1, fid_n=fid_n)
     if cuda:
         return Plan(device, False, rounds=30, warmup_rounds=10, iterations=5, fid_n=fid_n)
-    return Plan(device, False, rounds=15, warmup_rounds=3, iterations=1, fid_n=fid_n)
+    return Plan(device, False, rounds=10, warmup_rounds=2, iterations=1, fid_n=fid_n)
 
 
 @pytest.fixture(scope="session")

@@ -202,8 +202,8 @@ def setup_case(plan, config, size, variant):
     opt = (spec.project_optimizer(module, generator, critic, args, cuda) if project
            else spec.reference_optimizer(critic, args))
     real = torch.rand(batch, *spec.real_shape(args), device=plan.device) * 2 - 1
-    if layout == torch.channels_last and real.dim() == 4 and spec.module == "wgan_gp_64":
-        real = real.contiguous(memory_format=torch.channels_last)  # as wgan_gp_64's loader hands it over
+    if layout == torch.channels_last and real.dim() == 4 and (spec.module == "wgan_gp_64" or not cuda):
+        real = real.contiguous(memory_format=torch.channels_last)  # as wgan_gp_64's main hands it over
     return spec, module, argv, args, batch, generator, critic, opt, real
 
 
