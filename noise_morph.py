@@ -49,8 +49,8 @@ Departures: the seed had no code for the toy sets; their definitions follow the 
 swiss roll is written here in numpy: columns 0 and 2 of sklearn's 3-D roll). --zero-pull draws u uniformly
 over the bounding box of the current real batch (per feature), the seed's "random inputs" option. MNIST is
 held in memory and batches are drawn with the torch RNG (no DataLoader, so no --num-workers; resume is exact).
-No --amp (the toy nets are tiny and there is no GPU here). The seed's GAN used Gaussian noise in places; here
-it is uniform everywhere, as the seed asks.
+No --amp, --image-size, --channels (nothing here uses them). The seed's "smooth noise" idea (clipping) is
+replaced by the wall-distance-scaled softsign step, which never needs clipping.
 """
 import argparse
 import json
