@@ -1,14 +1,14 @@
 """FID and KID (torch-fidelity) of each script's generator against its real data, and Inception's throughput.
 
     WGAN_MNIST_CKPT=runs/<run>/ckpt/last.pt WGAN_FID_N=2000 pytest bench/test_fid.py -k wgan_mnist
-    pytest bench/test_fid.py --bench-quick          # short training runs, n = 32: a smoke test of the pipeline
+    pytest bench/test_fid.py --bench-quick          # short training runs, n = 20: a smoke test of the pipeline
 
 Real data: the MNIST test split (torchvision, from $WGAN_SHARED/data, default ../shared/data) for wgan_mnist.py
 and noise_morph.py; the fish folder ($WGAN_SHARED/data/fish) fitted to the generator's image size for
 wgan_gp_64.py; a fixed subset of n, drawn by a seeded permutation. The generator comes from the checkpoint named
 by WGAN_GP_64_CKPT / WGAN_MNIST_CKPT / NOISE_MORPH_CKPT (wgan_gp_64's EMA generator where it has one), or, when
 none is named, from a short run of the script's main() with tiny sizes in a temporary folder (WGAN_FID_TRAIN_ITERS
-generator steps; its FID only shows that the pipeline works). n = WGAN_FID_N (default 32 with --bench-quick,
+generator steps; its FID only shows that the pipeline works). n = WGAN_FID_N (default 20 with --bench-quick,
 200 on CPU, 5000 on CUDA). FID is biased at small n: compare only at the same n; the real-vs-real floor at the
 same n (another n real images against the same real set) is given with each FID, except under --bench-quick.
 Real features are cached in .benchmarks/fid_cache under a name holding the split, image size, n and a hash of
@@ -33,7 +33,7 @@ FLOORS = {}  # cache name -> floor FID, computed once per session
 
 
 def fid_n(plan):
-    return int(os.environ.get("WGAN_FID_N", 32 if plan.quick else plan.fid_n))
+    return plan.fid_n  # $WGAN_FID_N, else 20 with --bench-quick, 200 on CPU, 5000 on CUDA (conftest.plan)
 
 
 class Images(torch.utils.data.Dataset):
@@ -60,6 +60,8 @@ def mnist_sets(root, n):
     if not (Path(root) / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists():
         pytest.skip(f"MNIST not found under {root} (set WGAN_SHARED)")
     test, train = MNIST(str(root), train=False).data, MNIST(str(root), train=True).data
+    if n > len(test):
+        pytest.skip(f"WGAN_FID_N={n} is more than the {len(test)} MNIST test images")
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n]
     other = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:n]
     name = f"bench-mnist-test-28px-n{n}-perm0-{short_key(Path(root).resolve(), n)}"
