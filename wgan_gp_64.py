@@ -25,8 +25,8 @@ Where this departs from the paper or the seed notebook:
   would show noise. From step ~9,000 on it is the seed's 0.999; `--no-ema-warmup` gives the constant decay.
 - Keras' `zoom_range=[0.95, 1.2]` divides coordinates, so images are scaled by 1/1.2 .. 1/0.95 here; its
   `fill_mode='nearest'` is reproduced by edge-padding before the affine transform and cropping after it.
-- Real, fake and interpolated images go through the critic in one forward pass (3N images); minibatch stddev is
-  computed over each third apart, so it never mixes real with fake; the result equals three separate passes.
+- Real and fake images go through the critic in one forward pass (2N images); minibatch stddev is computed over
+  each half apart, so it never mixes real with fake; the result equals two separate passes.
 - An "epoch" of the learning-rate schedule is one pass of the critic over the data set (each critic step draws
   a batch), and the learning rate is set once per generator step (rand(a, b) draws a new one each step).
 - Under torchrun the critic's and generator's gradients are all-reduced by hand after backward (as StyleGAN2-ADA
@@ -475,15 +475,11 @@ def interpolate(real, fake):
     return torch.lerp(real, fake, alpha).requires_grad_(True)  # real + alpha * (fake - real)
 
 
-def penalty(scores, x_hat):
-    """mean((||dD/dx_hat||_2 - 1)^2), the norm over all non-batch dimensions; keeps the graph for backward."""
-    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
-    return (grad.flatten(1).norm(dim=1) - 1).square().mean()
-
-
 def gradient_penalty(critic, real, fake):
+    """mean((||dD/dx_hat||_2 - 1)^2), the norm over all non-batch dimensions; keeps the graph for backward."""
     x_hat = interpolate(real, fake.detach())
-    return penalty(critic(x_hat), x_hat)
+    (grad,) = torch.autograd.grad(critic(x_hat).float().sum(), x_hat, create_graph=True)
+    return (grad.flatten(1).norm(dim=1) - 1).square().mean()
 
 
 def autocast(device, enabled):
@@ -503,16 +499,17 @@ def sync_gradients(module):
 
 
 def critic_step(generator, critic, opt_critic, real, args):
-    """One critic update: -(D(real) - D(fake)) + lambda * GP + drift * D(real)^2, with one critic pass."""
+    """One critic update: -(D(real) - D(fake)) + lambda * GP + drift * D(real)^2.
+
+    Real and fake share one pass (minibatch stddev per half); the interpolates get their own, so that the
+    penalty's double backward runs over N images, not 3N (a single 3N pass measured 1.4-2.3x slower on CPU)."""
     n = real.shape[0]
     z = torch.randn(n, args.latent_dim, device=real.device)
     with torch.no_grad(), autocast(real.device, args.amp):
         fake = generator(z).to(real.dtype)
-    parts = [real, fake, interpolate(real, fake)] if args.gp_lambda else [real, fake]
     with autocast(real.device, args.amp):
-        scores = critic(torch.cat(parts), groups=len(parts)).float().split(n)
-    d_real, d_fake = scores[:2]
-    gp = penalty(scores[2], parts[2]) if args.gp_lambda else torch.zeros((), device=real.device)
+        d_real, d_fake = critic(torch.cat([real, fake]), groups=2).float().split(n)
+        gp = gradient_penalty(critic, real, fake) if args.gp_lambda else torch.zeros((), device=real.device)
     wasserstein = d_real.mean() - d_fake.mean()
     drift = d_real.square().mean()
     loss = -wasserstein + args.gp_lambda * gp + args.drift * drift

@@ -116,7 +116,7 @@ def custom_step(spec, module, generator, critic, opt, real, args, no_grad_gen=Fa
     """The reference step (defaults) and its ablations, all with the script's math.
 
     passes=3: critic(real), critic(fake), critic(x_hat); 2: critic(real+fake) then critic(x_hat);
-    1: critic(real+fake+x_hat), as wgan_gp_64 does (its minibatch stddev told the parts apart with groups)."""
+    1: critic(real+fake+x_hat), as wgan_gp_64 did before this suite measured it (groups keep the parts apart)."""
     n = real.shape[0]
     z = spec.noise(module, args, n, real.device)
     if no_grad_gen:
