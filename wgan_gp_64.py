@@ -628,10 +628,12 @@ def write_nearest_neighbours(generator, files, args, path, device, count=256):
             d.fill_diagonal_(float("inf"))
         return (d.min(dim=1).values / scale).numpy()
 
+    distances = {"real-real": nearest(real, real, True), "fake-fake": nearest(fake, fake, True),
+                 "fake-real": nearest(fake, real, False)}
+    bins = np.linspace(min(map(np.min, distances.values())), max(map(np.max, distances.values())), 41)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, d in (("real-real", nearest(real, real, True)), ("fake-fake", nearest(fake, fake, True)),
-                    ("fake-real", nearest(fake, real, False))):
-        ax.hist(d, bins=40, alpha=0.5, label=f"{name} (median {np.median(d):.3f})")
+    for name, d in distances.items():
+        ax.hist(d, bins=bins, alpha=0.5, label=f"{name} (median {np.median(d):.3f})")
     ax.set(xlabel="RMS pixel distance to nearest neighbour ([-1, 1] scale)", ylabel="images",
            title=f"nearest neighbours, {count} real and {count} generated")
     ax.legend()
