@@ -327,7 +327,7 @@ def critic_step(generator, critic, opt_critic, real, args):
     with torch.no_grad():
         fake = generator(z)
     wasserstein = critic(real).mean() - critic(fake).mean()
-    gp = gradient_penalty(critic, real, fake)
+    gp = gradient_penalty(critic, real, fake) if args.gp_lambda else torch.zeros((), device=real.device)
     loss = -wasserstein + args.gp_lambda * gp
     out = {"wasserstein": wasserstein.detach(), "gp": gp.detach()}
     if args.zero_pull > 0:  # flatten the critic everywhere in the data box, so stale slopes decay

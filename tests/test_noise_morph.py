@@ -212,6 +212,21 @@ def test_zero_pull_adds_coef_times_mean_squared_score():
     assert "zero_pull" not in nm.critic_step(generator, critic, adam(critic), real, tiny_args())
 
 
+
+def test_zero_lambda_skips_the_penalty_pass(monkeypatch):
+    args = tiny_args("--gp-lambda", "0")
+    generator, critic, _ = models(args)
+    real = nm.sample_toy("8gaussians", 32)
+
+    def forbidden(*_):
+        raise AssertionError("the penalty was computed with --gp-lambda 0")
+
+    monkeypatch.setattr(nm, "gradient_penalty", forbidden)
+    out = nm.critic_step(generator, critic, adam(critic), real, args)
+    assert out["gp"] == 0 and torch.allclose(out["loss_critic"], -out["wasserstein"])
+    with pytest.raises(AssertionError, match="penalty was computed"):
+        nm.critic_step(generator, critic, adam(critic), real, tiny_args())
+
 # ---------------------------------------------------------------- runs
 
 def test_short_8gaussians_run_writes_plots_and_metrics(tmp_path):
