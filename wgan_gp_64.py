@@ -682,25 +682,18 @@ def compute_fid(generator, files, args, device):
 
 
 # ------------------------------------------------------------------------------------------------ main
-def setup_distributed(device):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world
-
-
-def pick_device(args):
+def setup_device(args):
+    """The device, and this process's rank and the world size (under torchrun: NCCL on CUDA, gloo on CPU)."""
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA device is visible; use --device cpu")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if cuda and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device("cuda" if cuda else "cpu")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device, rank, world
 
 
 def sample_mode(args, device, ckpt):
@@ -725,7 +718,7 @@ def main(argv=None):
         ckpt = load_checkpoint(args.resume)
         args = parse_args(argv, overrides=ckpt["args"])
         args.run_name = ckpt["args"]["run_name"]
-    device = pick_device(args)
+    device, rank, world = setup_device(args)
     if args.amp and device.type != "cuda":
         print(f"{SCRIPT}: --amp needs CUDA; training in float32 on {device}")
         args.amp = False
@@ -734,7 +727,6 @@ def main(argv=None):
             fail("--sample needs --resume CHECKPOINT (or run folder) to sample from")
         return sample_mode(args, device, ckpt)
     files = scan_folder(args.data)
-    rank, world = setup_distributed(device)
     if args.batch_size * world > len(files):
         fail(f"--batch-size {args.batch_size} x {world} process(es) is more than the {len(files)} images in "
              f"{args.data}; use a smaller --batch-size")
