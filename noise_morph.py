@@ -44,6 +44,8 @@ Metrics (metrics.jsonl, one line per log step; all on a fixed z of --eval-sample
     25 modes: 20 samples, PacGAN's threshold). Swissroll: manifold_dist = mean Euclidean distance (data units,
     i.e. after /7.5) from each sample to the nearest of 4000 points of the noise-free roll; hq_share = share
     within 3 noise std (3 * 0.25 / 7.5 = 0.1) of it.
+    MNIST with --fid-every: fid, kid, fid_n = FID/KID of n samples of G(z) (un-morphed) against a fixed n-image
+    subset of the MNIST test split (the subset wgan_mnist.py uses, so the two scripts' FIDs share a floor).
 
 Departures: the seed had no code for the toy sets; their definitions follow the WGAN-GP reference code (the
 swiss roll is written here in numpy: columns 0 and 2 of sklearn's 3-D roll). --zero-pull draws u uniformly
@@ -59,6 +61,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from contextlib import contextmanager
 
 import numpy as np
@@ -230,11 +233,11 @@ def toy_metrics(name, x):
     return {"modes_covered": int(covered), "hq_share": good.float().mean().item()}
 
 
-def load_mnist(args):
-    """MNIST train images as a float tensor [60000, 1, 28, 28] in [-1, 1]."""
+def load_mnist(args, train=True):
+    """MNIST train (or test) images as a float tensor [N, 1, 28, 28] in [-1, 1]."""
     import torchvision
     try:
-        ds = torchvision.datasets.MNIST(args.data, train=True, download=args.download)
+        ds = torchvision.datasets.MNIST(args.data, train=train, download=args.download)
     except RuntimeError:
         fail(f"--data: MNIST not found under {args.data}/MNIST/raw; point --data at the torchvision root "
              "or add --download")
@@ -465,17 +468,19 @@ class Uint8Images(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def compute_fid(generator, images, args, device, out_dir):
+def compute_fid(generator, test_images, args, device, out_dir):
+    """FID/KID of n samples of G(z) against a fixed n-image subset of the MNIST test split (seed 0)."""
     import torch_fidelity
-    n, gen = args.fid_samples, torch.Generator().manual_seed(args.seed + 2)
-    z = sample_z(n, args.latent_dim, "cpu", gen).to(device)
+    n = args.fid_samples
+    z = sample_z(n, args.latent_dim, "cpu", torch.Generator().manual_seed(args.seed + 2)).to(device)
     fake = torch.cat([generator(chunk) for chunk in z.split(500)])
-    real = images[torch.randperm(len(images), generator=gen)[:n].to(images.device)]
+    real = test_images[torch.randperm(len(test_images), generator=torch.Generator().manual_seed(0))[:n]]
+    data_key = zlib.crc32(os.path.abspath(args.data).encode())  # another root, another cache entry
     m = torch_fidelity.calculate_metrics(
         input1=Uint8Images(fake), input2=Uint8Images(real), fid=True, kid=True, kid_subset_size=min(1000, n),
         feature_extractor_weights_path=args.fid_weights, cuda=device.type == "cuda", batch_size=100,
-        verbose=False, cache_root=os.path.join(out_dir, ".fid_cache"),
-        input2_cache_name=f"mnist-train-28-n{n}-seed{args.seed}", cache=True)
+        verbose=False, save_cpu_ram=True, cache_root=os.path.join(out_dir, ".fid_cache"),  # no loader workers
+        input2_cache_name=f"mnist-test-n{n}-seed0-{data_key}", cache=True)
     return {"fid": m["frechet_inception_distance"], "kid": m["kernel_inception_distance_mean"], "fid_n": n}
 
 
@@ -543,6 +548,7 @@ def main(argv=None):
         next_real = lambda: sample_toy(args.dataset, args.batch_size).to(device)  # noqa: E731
     else:
         real_ref, images = None, load_mnist(args).to(device)
+        test_images = load_mnist(args, train=False) if args.fid_every else None
         next_real = lambda: images[torch.randint(len(images), (args.batch_size,), device=device)]  # noqa: E731
     generator, critic, morpher = Generator(args).to(device), Critic(args).to(device), NoiseMorpher(args).to(device)
     opts = [torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.9)) for m in (generator, critic, morpher)]
@@ -614,7 +620,7 @@ def main(argv=None):
                           "images_per_s": (it - it_last) * args.batch_size * args.critic_its / max(now - t_last, 1e-9),
                           "seconds": now - t_start, **evaluate(generator, critic, use_morph, fixed_z, args)}
                 if fid:
-                    record.update(compute_fid(generator, images, args, device, args.out))
+                    record.update(compute_fid(generator, test_images, args, device, args.out))
                 t_last, it_last = now, it
                 history.append(record)
                 metrics_file.write(json.dumps(record) + "\n")

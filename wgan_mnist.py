@@ -36,6 +36,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -307,7 +308,7 @@ def critic_step(generator, critic, opt_critic, real, args):
         wasserstein = critic(real).float().mean() - critic(fake).float().mean()
         loss = -wasserstein
         out = {}
-        if args.penalty == "gp":
+        if args.penalty == "gp" and args.gp_lambda:  # lambda 0: no penalty pass (the bench's no-penalty step)
             gp = gradient_penalty(critic, real, fake)
             loss = loss + args.gp_lambda * gp
             out["gp"] = gp.detach()
@@ -376,13 +377,14 @@ def fid_vs_test(images, test_images, args, device):
     """FID and KID of n uint8 images against n images of the real test split (fixed subset)."""
     import torch_fidelity
     n = len(images)
+    data_key = zlib.crc32(str(Path(args.data).resolve()).encode())  # another root, another cache entry
     if args.fid_weights and not Path(args.fid_weights).is_file():
         fail(f"--fid-weights: file {args.fid_weights} not found; give torch-fidelity's Inception weights")
     m = torch_fidelity.calculate_metrics(
         input1=RGBImages(images), input2=RGBImages(subset(test_images, n, 0)), fid=True, kid=True,
         kid_subset_size=min(1000, n), feature_extractor_weights_path=args.fid_weights,
         cuda=device.type == "cuda", batch_size=100, verbose=False, cache=True, save_cpu_ram=True,  # no workers
-        cache_root=str(Path(args.out) / ".fid_cache"), input2_cache_name=f"{args.dataset}-test-first{n}-seed0-28px")
+        cache_root=str(Path(args.out) / ".fid_cache"), input2_cache_name=f"{args.dataset}-test-n{n}-seed0-{data_key}")
     return {"fid": m["frechet_inception_distance"], "kid": m["kernel_inception_distance_mean"], "fid_n": n}
 
 

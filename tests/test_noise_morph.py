@@ -258,6 +258,27 @@ def test_mnist_run_writes_grid_and_latent_walk(tmp_path, mnist_root):
         assert (tmp_path / "m" / name).stat().st_size > 0, name
 
 
+def test_mnist_fid_is_against_the_test_split(tmp_path, mnist_root, fid_weights, monkeypatch):
+    # 10 generated vs 10 real images: checks the plumbing and which images are the reference, not a real FID
+    import torch_fidelity
+    import torchvision
+    real_fidelity, seen = torch_fidelity.calculate_metrics, []
+
+    def spy(**kw):
+        seen.append(torch.stack([kw["input2"][i] for i in range(len(kw["input2"]))]))
+        return real_fidelity(**kw)
+
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", spy)
+    run(tmp_path, "--dataset", "mnist", "--data", str(mnist_root), "--width", "4", "--latent-dim", "8",
+        "--batch-size", "8", "--eval-samples", "16", "--iters", "2", "--critic-its", "1", "--morph-its", "1",
+        "--fid-every", "2", "--fid-samples", "10", "--fid-weights", str(fid_weights), "--run-name", "f")
+    row = json.loads(open(tmp_path / "f" / "metrics.jsonl").read().splitlines()[-1])
+    assert row["fid_n"] == 10 and row["fid"] > 0 and row["kid"] == row["kid"]
+    test = torchvision.datasets.MNIST(str(mnist_root), train=False).data
+    expected = test[torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:10]]
+    assert torch.equal(seen[0], expected[:, None].expand(-1, 3, -1, -1))  # the same subset wgan_mnist.py uses
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--dataset", "moons"], "--dataset"),
     (["--critic-its", "0"], "--critic-its"),

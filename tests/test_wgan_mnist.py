@@ -91,6 +91,17 @@ def test_gp_mode_switches_clipping_off(penalty):
         assert torch.allclose(out["loss_critic"], -out["wasserstein"] + 10 * out["gp"])
 
 
+@pytest.mark.parametrize("lam, passes", [("10", 3), ("0", 2)])
+def test_gp_lambda_zero_skips_the_penalty_pass(lam, passes):
+    args = wm.parse_args(["--penalty", "gp", "--gp-lambda", lam, "--batch-size", "4", "--latent-dim", "8"])
+    gen, critic = wm.Generator(args), wm.Critic(args)
+    calls = []
+    critic.register_forward_hook(lambda *_: calls.append(1))
+    out = wm.critic_step(gen, critic, wm.make_optimizers(gen, critic, args)[1], fake_batch(), args)
+    assert len(calls) == passes and ("gp" in out) == (passes == 3)
+    assert torch.allclose(out["loss_critic"], -out["wasserstein"] + float(lam) * out.get("gp", 0))
+
+
 # ---------------------------------------------------------------------------------------- optimizers
 @pytest.mark.parametrize("argv, cls, lr", [
     ([], torch.optim.RMSprop, 5e-5),
