@@ -1,4 +1,6 @@
-"""FID/KID of a wgan_mnist.py checkpoint against the MNIST test split at n images (the script's own FID code).
+"""FID/KID of a wgan_mnist.py checkpoint against the MNIST test split at n images (the script's own FID code),
+and a 64-image grid of it, samples/ckpt_<step>.png (eval mode, z seeded 0): runs stopped by a time limit end
+without a final grid.
 
     PYTHONPATH=. python experiments/wgan_mnist_fid.py runs/<run> 2000 ../shared/models/weights-inception-2015-12-05-6726825d.pth
 """
@@ -6,6 +8,7 @@ import json
 import sys
 
 import torch
+from torchvision.utils import save_image
 
 import wgan_mnist as wm
 
@@ -15,5 +18,9 @@ args = wm.parse_args(wm.as_flags(ckpt["args"], str(path)) + ["--fid-samples", st
                                                             "--device", "cpu"])
 generator = wm.Generator(args)
 generator.load_state_dict(ckpt["generator"])
+generator.eval()
+with torch.no_grad():
+    grid = generator(torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(0)))
+save_image(grid * 0.5 + 0.5, path.parent.parent / "samples" / f"ckpt_{ckpt['step']:06d}.png", nrow=8)
 scores = wm.fid_of_generator(generator, wm.load_split(args, train=False), args, torch.device("cpu"))
 print(json.dumps({"run": run, "step": ckpt["step"], **scores}))
