@@ -91,6 +91,17 @@ def test_gp_mode_switches_clipping_off(penalty):
         assert torch.allclose(out["loss_critic"], -out["wasserstein"] + 10 * out["gp"])
 
 
+@pytest.mark.parametrize("argv, norm", [([], "batch"), (["--penalty", "gp"], "none"), (["--arch", "mlp"], "none"),
+                                        (["--critic-norm", "none"], "none")])
+def test_critic_norm_follows_the_penalty(argv, norm):
+    """BatchNorm only in the clipped dcgan critic (the paper's; its parameters are clipped too, checked by
+    test_every_critic_step_clips_critic_only), never with the per-sample gradient penalty."""
+    args = wm.parse_args(argv)
+    critic = wm.Critic(args)
+    assert args.critic_norm == norm
+    assert any(isinstance(m, nn.BatchNorm2d) for m in critic.modules()) == (norm == "batch")
+
+
 @pytest.mark.parametrize("lam, passes", [("10", 3), ("0", 2)])
 def test_gp_lambda_zero_skips_the_penalty_pass(lam, passes):
     args = wm.parse_args(["--penalty", "gp", "--gp-lambda", lam, "--batch-size", "4", "--latent-dim", "8"])
@@ -279,6 +290,8 @@ def test_missing_data_names_folder_and_flag(tmp_path, capsys):
     (["--clip-value", "-0.01"], "--clip-value"),
     (["--critic-its", "0"], "--critic-its"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--penalty", "gp", "--critic-norm", "batch"], "--critic-norm"),
+    (["--arch", "mlp", "--critic-norm", "batch"], "--critic-norm"),
     (["--no-such-flag"], "--no-such-flag"),
 ])
 def test_bad_flags(tmp_path, capsys, argv, flag):
