@@ -183,6 +183,7 @@ def build_args(argv=None):
     args, ckpt, tokens = parse_args(argv), None, []
     if args.resume:
         ckpt_path, ckpt = load_checkpoint(args.resume)
+        ckpt["args"].setdefault("critic_norm", "none")  # checkpoints from before --critic-norm: no critic BN
         tokens += as_flags(ckpt["args"], f"--resume {ckpt_path}")
     if args.config:
         tokens += as_flags(read_config(args.config), f"--config {args.config}")

@@ -214,6 +214,17 @@ def test_resume_is_bit_exact(tiny_root, tmp_path):
             assert torch.equal(a[net][key], b[net][key]), (net, key)
 
 
+def test_resume_of_a_checkpoint_from_before_critic_norm(tiny_root, tmp_path):
+    """Such checkpoints have no critic_norm in their args and a critic without BatchNorm."""
+    wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "1", "--critic-its", "1", "--critic-norm", "none"))
+    path = tmp_path / "runs" / "r" / "ckpt" / "last.pt"
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["args"]["critic_norm"]
+    torch.save(ckpt, path)
+    wm.main(["--resume", str(path), "--iters", "2"])
+    assert torch.load(path, weights_only=False)["step"] == 2
+
+
 def test_run_folder_contents(tiny_root, tmp_path):
     wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "4", "--sample-every", "2", "--log-every", "2"))
     wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "2", "--penalty", "gp", name="g"))
