@@ -23,8 +23,8 @@ Departures from the paper and the seed (PyTorch default initialisation throughou
      (its parameters are clipped with the rest), and none in gp mode (`--critic-norm`). Without it the clipped
      critic at lr 5e-5 collapsed the generator in all our runs (k = 1 and 5, c = 0.01 and 0.05): its input
      gradient pointed the same way for every sample (cosine 0.999 at step 500), so every z was pushed to one
-     saturated pattern; with it, samples stay varied (README, wgan_mnist Results). The generator keeps
-     BatchNorm and is switched to eval mode only to draw sample grids and FID images.
+     pattern (experiments/wgan_mnist_collapse.py); with it, samples stay varied (README, wgan_mnist Results).
+     The generator keeps BatchNorm and is switched to eval mode only to draw sample grids and FID images.
   2. `--critic-warmup` (100 critic steps for generator steps 0..24 and every 500th) is off by default so that
      short runs compare `--critic-its` settings directly; the paper had it on.
   3. Optimizers: RMSprop with torch defaults (alpha 0.99, eps 1e-8, no momentum); `--optimizer adam` uses
