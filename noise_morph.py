@@ -59,30 +59,46 @@ import json
 import math
 import os
 import random
+import re
+import signal
 import sys
+import threading
 import time
 import zlib
 from contextlib import contextmanager
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+try:
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+except KeyboardInterrupt:  # Ctrl-C while torch loads: no traceback
+    print("noise_morph.py: interrupted while starting", file=sys.stderr)
+    raise SystemExit(130)
 
 SCRIPT = "noise_morph.py"
 TOY = ("8gaussians", "25gaussians", "swissroll")
 DEFAULTS = {**{name: (512, 0.1, 2, 256) for name in TOY}, "mnist": (64, 10.0, 128, 64)}  # width, lambda, d, batch
 COVER_SHARE = 0.2
+NOT_FROM_FILES = ("config", "resume", "run_name")  # said on the command line only
 
 
-def fail(msg):
+def fail(msg, code=2):
     print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors as one line, no usage
         fail(message)
+
+
+def duration(text):
+    """--max-time: seconds, or a number with s, m or h ('90s', '30m', '2h')."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", str(text))
+    if not m or float(m[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a time budget; give seconds or e.g. 90s, 30m, 2h")
+    return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]]
 
 
 def build_parser():
@@ -96,7 +112,11 @@ def build_parser():
     a("--latent-dim", type=int, default=None, help="d of z ~ U(-1,1)^d (None: 2 toy, 128 mnist)")
     a("--width", type=int, default=None, help="toy MLP width / mnist base channels (None: 512 toy, 64 mnist)")
     a("--gp-lambda", type=float, default=None, help="gradient penalty weight (None: 0.1 toy, 10 mnist)")
+    a("--gp-every", type=int, default=1,
+      help="lazy penalty: only every K-th critic step pays the penalty, weighted lambda * K")
     a("--iters", type=int, default=5000, help="generator steps")
+    a("--max-time", type=duration, default=None,
+      help="wall-clock budget (seconds, or 90s, 30m, 2h): training ends after the step that crosses it")
     a("--critic-its", type=int, default=5, help="critic steps per generator step")
     a("--morph-its", type=int, default=5, help="morpher steps per generator step")
     a("--lr", type=float, default=1e-4, help="Adam lr (betas 0.5, 0.9) of generator, critic and morpher")
@@ -118,12 +138,11 @@ def build_parser():
     a("--log-every", type=int, default=100, help="metrics line every N steps")
     a("--fid-every", type=int, default=0, help="mnist: FID/KID every N steps (0: never)")
     a("--fid-samples", type=int, default=1000, help="generated and real images per FID")
-    a("--fid-weights", default="../shared/models/weights-inception-2015-12-05-6726825d.pth",
-      help="torch-fidelity Inception weights file (offline FID)")
+    a("--fid-weights", default=None, help="torch-fidelity Inception weights file (offline FID; none: download)")
     return p
 
 
-def read_config(path, parser):
+def read_config(path):
     try:
         with open(path) as f:
             text = f.read()
@@ -141,30 +160,45 @@ def read_config(path, parser):
             fail(f"--config: {path} is neither JSON nor YAML; fix its syntax")
     if not isinstance(cfg, dict):
         fail(f"--config: {path} must hold a mapping of flag names to values")
-    known, values = vars(parser.parse_args([])), {}
-    for key, value in cfg.items():
-        dest = str(key).replace("-", "_")
-        if dest in ("config", "resume", "run_name"):
+    return cfg
+
+
+def as_flags(values, source, parser):
+    """A dict of flag values (config file or checkpoint settings) as command-line tokens."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    unknown = [str(k) for k in values if str(k).replace("-", "_") not in actions]
+    if unknown and source.startswith("--resume"):
+        fail(f"{source} is not a checkpoint of {SCRIPT}: it has settings this script does not have "
+             f"({', '.join(unknown[:4])})")
+    if unknown:
+        fail(f"{source}: unknown key '{unknown[0]}'; use the script's flag names")
+    tokens = []
+    for key, value in values.items():
+        action = actions[str(key).replace("-", "_")]
+        if action.dest in NOT_FROM_FILES or value is None:
             continue
-        if dest not in known:
-            fail(f"--config: unknown key '{key}' in {path}; use the script's flag names")
-        values[dest] = value
-    return values
-
-
-def given_flags(argv):
-    """The flags written on the command line (no defaults), to override a resumed run's saved args."""
-    p, unset = build_parser(), object()
-    given = p.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(p.parse_args([]))}))
-    return {k: v for k, v in vars(given).items() if v is not unset}
+        if isinstance(action, argparse._StoreTrueAction):
+            tokens += [action.option_strings[0]] if value else []
+        else:
+            tokens += [action.option_strings[0], str(value)]
+    return tokens
 
 
 def parse_args(argv=None):
+    """The command line over a config file over a resumed checkpoint's settings, all through argparse, so that
+    every type, choice and check applies to each. With --resume, args.resume is the checkpoint file."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, tokens = parser.parse_args(argv), []
+    if args.resume:
+        args.resume = checkpoint_file(args.resume)
+        tokens += as_flags(load_checkpoint(args.resume)["args"], f"--resume {args.resume}", parser)
     if args.config:
-        parser.set_defaults(**read_config(args.config, parser))
-        args = parser.parse_args(argv)
+        tokens += as_flags(read_config(args.config), f"--config {args.config}", parser)
+    if tokens:
+        resume = args.resume
+        args = parser.parse_args(tokens + argv)
+        args.resume = resume
     for name, value in zip(("width", "gp_lambda", "latent_dim", "batch_size"), DEFAULTS[args.dataset]):
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -177,6 +211,7 @@ def parse_args(argv=None):
         (min(args.width, args.morph_width) >= 1, "--width and --morph-width must be >= 1"),
         (args.lr > 0, f"--lr must be > 0 (got {args.lr})"),
         (args.gp_lambda >= 0, f"--gp-lambda must be >= 0 (got {args.gp_lambda})"),
+        (args.gp_every >= 1, f"--gp-every must be >= 1 (1: the penalty at every critic step; got {args.gp_every})"),
         (args.zero_pull >= 0, f"--zero-pull must be >= 0 (got {args.zero_pull})"),
         (args.morph_scale > 0, f"--morph-scale must be > 0 (got {args.morph_scale})"),
         (0 < args.morph_bound <= 1, f"--morph-bound must be in (0, 1] to keep z' in the box (got {args.morph_bound})"),
@@ -325,14 +360,21 @@ def frozen(*modules):
             p.requires_grad_(True)
 
 
-def critic_step(generator, critic, opt_critic, real, args):
+def critic_step(generator, critic, opt_critic, real, args, penalize=True):
+    """One WGAN-GP critic update; the penalty only when `penalize` (every --gp-every-th step), weighted
+    lambda * K so that its average weight stays lambda."""
     z = sample_z(real.shape[0], args.latent_dim, real.device)
     with torch.no_grad():
         fake = generator(z)
     wasserstein = critic(real).mean() - critic(fake).mean()
-    gp = gradient_penalty(critic, real, fake) if args.gp_lambda else torch.zeros((), device=real.device)
-    loss = -wasserstein + args.gp_lambda * gp
-    out = {"wasserstein": wasserstein.detach(), "gp": gp.detach()}
+    loss = -wasserstein
+    out = {"wasserstein": wasserstein.detach()}
+    if not args.gp_lambda:  # lambda 0: no penalty pass at all (the bench's no-penalty step)
+        out["gp"] = torch.zeros((), device=real.device)
+    elif penalize:
+        gp = gradient_penalty(critic, real, fake)
+        loss = loss + args.gp_lambda * args.gp_every * gp
+        out["gp"] = gp.detach()
     if args.zero_pull > 0:  # flatten the critic everywhere in the data box, so stale slopes decay
         lo, hi = real.amin(0), real.amax(0)
         pull = critic(lo + (hi - lo) * torch.rand_like(real)).pow(2).mean()
@@ -365,6 +407,24 @@ def generator_step(generator, critic, opt_generator, args, morpher=None):
         loss.backward()
     opt_generator.step()
     return {"loss_gen": loss.detach()}
+
+
+def train_step(nets, next_real, it, args):
+    """Generator step `it` (1-based): its critic steps (the penalty on every --gp-every-th), the morpher's steps
+    (none with --no-morph) and the generator update. Returns every loss, stacked."""
+    losses = []
+    for j in range(args.critic_its):
+        penalize = ((it - 1) * args.critic_its + j) % args.gp_every == 0
+        out = critic_step(nets.generator, nets.critic, nets.opt_critic, next_real(), args, penalize)
+        nets.stats.update(out)
+        losses.append(out["loss_critic"])
+    for _ in range(args.morph_its if nets.use_morph is not None else 0):
+        out = morph_step(nets.generator, nets.critic, nets.morpher, nets.opt_morph, args)
+        nets.stats.update(out)
+        losses.append(out["loss_morph"])
+    out = generator_step(nets.generator, nets.critic, nets.opt_generator, args, morpher=nets.use_morph)
+    nets.stats.update(out)
+    return torch.stack(losses + [out["loss_gen"]])
 
 
 @torch.no_grad()
@@ -456,35 +516,57 @@ def write_mnist_images(run_dir, it, generator, morpher, z):
                    duration=80, loop=0)
 
 
-class Uint8Images(torch.utils.data.Dataset):
-    def __init__(self, images):
-        self.images = to_uint8(images).repeat(1, 3, 1, 1)
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
+def load_inception(args, device):
+    """torch-fidelity's FID Inception, built at start so that a missing torch-fidelity or bad --fid-weights stops
+    the run before training; on a CPU in channels_last (its NHWC kernels measured 1.3x faster here)."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError:
+        fail("--fid-every needs torch-fidelity (pip install torch-fidelity)")
+    if args.fid_weights and not os.path.isfile(args.fid_weights):
+        fail(f"--fid-weights: {args.fid_weights} not found; give torch-fidelity's Inception weights file")
+    try:
+        with torch.random.fork_rng(devices=[]):  # its layers' initialisation must not move the training RNG
+            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                              feature_extractor_weights_path=args.fid_weights)
+    except Exception as e:
+        fail(f"--fid-weights: cannot load {args.fid_weights} as torch-fidelity's Inception weights "
+             f"({type(e).__name__})")
+    cpu = device.type == "cpu"
+    return net.eval().to(device, memory_format=torch.channels_last if cpu else torch.preserve_format)
 
 
 @torch.no_grad()
-def compute_fid(generator, test_images, args, device, out_dir):
-    """FID/KID of n samples of G(z) against a fixed n-image subset of the MNIST test split (seed 0)."""
-    import torch_fidelity
+def inception_features(inception, images, device):
+    """Pool features [n, 2048] of images in [-1, 1], in batches of 25 on a CPU (faster there than 100)."""
+    chunks = to_uint8(images).split(25 if device.type == "cpu" else 250)
+    return torch.cat([inception(chunk.expand(-1, 3, -1, -1).to(device))[0].cpu() for chunk in chunks])
+
+
+@torch.no_grad()
+def compute_fid(inception, generator, test_images, args, device, out_dir):
+    """FID/KID (torch-fidelity's metric code) of n samples of G(z) against a fixed n-image subset of the MNIST
+    test split (seed 0; wgan_mnist.py's subset and cache name), whose features are cached under out_dir."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
     n = args.fid_samples
     z = sample_z(n, args.latent_dim, "cpu", torch.Generator().manual_seed(args.seed + 2)).to(device)
-    fake = torch.cat([generator(chunk) for chunk in z.split(500)])
-    real = test_images[torch.randperm(len(test_images), generator=torch.Generator().manual_seed(0))[:n]]
+    fake = inception_features(inception, torch.cat([generator(chunk) for chunk in z.split(500)]), device)
     data_key = zlib.crc32(os.path.abspath(args.data).encode())  # another root, another cache entry
-    m = torch_fidelity.calculate_metrics(
-        input1=Uint8Images(fake), input2=Uint8Images(real), fid=True, kid=True, kid_subset_size=min(1000, n),
-        feature_extractor_weights_path=args.fid_weights, cuda=device.type == "cuda", batch_size=100,
-        verbose=False, save_cpu_ram=True, cache_root=os.path.join(out_dir, ".fid_cache"),  # no loader workers
-        input2_cache_name=f"mnist-test-n{n}-seed0-{data_key}", cache=True)
-    return {"fid": m["frechet_inception_distance"], "kid": m["kernel_inception_distance_mean"], "fid_n": n}
+    cache = os.path.join(out_dir, ".fid_cache", f"mnist-test-n{n}-seed0-{data_key}.pt")
+    if os.path.isfile(cache):
+        real = torch.load(cache)
+    else:
+        pick = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(0))[:n]
+        real = inception_features(inception, test_images[pick], device)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        torch.save(real, cache)
+    fid = fid_statistics_to_metric(fid_features_to_statistics(fake), fid_features_to_statistics(real), False)
+    kid = kid_features_to_metric(fake, real, kid_subset_size=min(1000, n), verbose=False)
+    return {"fid": fid["frechet_inception_distance"], "kid": kid["kernel_inception_distance_mean"], "fid_n": n}
 
 
-# ---------------------------------------------------------------- checkpoint
+# ---------------------------------------------------------------- run folder and checkpoint
 
 def save_checkpoint(path, state):
     tmp = path + ".tmp"
@@ -508,40 +590,134 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(resume):
-    path = os.path.join(resume, "ckpt", "last.pt") if os.path.isdir(resume) else resume
+def checkpoint_file(resume):
+    return os.path.join(resume, "ckpt", "last.pt") if os.path.isdir(resume) else resume
+
+
+def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        ckpt["args"], ckpt["iter"], ckpt["models"]
+        ckpt["args"]
     except Exception as e:
         fail(f"--resume: cannot load {path} ({type(e).__name__}); give a ckpt/last.pt written by {SCRIPT} "
              "or its run folder")
-    return ckpt, os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if not {"iter", "models"} <= set(ckpt):
+        fail(f"--resume {path} is not a checkpoint of {SCRIPT} (it is another script's)")
+    return ckpt
+
+
+def restore(ckpt, nets, args):
+    """Models, optimizers and RNG; an explicit --lr on resume is put in force."""
+    for module, opt, (m_state, o_state) in zip(nets.modules, nets.opts, ckpt["models"]):
+        module.load_state_dict(m_state)
+        opt.load_state_dict(o_state)
+        for group in opt.param_groups:
+            group["lr"] = args.lr
+    set_rng_state(ckpt["rng"])
+    return ckpt["iter"], ckpt["history"]
+
+
+def open_run_folder(args):
+    """The run folder: the checkpoint's when resuming, else a new one that must not hold a run already."""
+    if args.resume:
+        return os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+    run_dir = os.path.join(args.out, args.run_name or f"noise_morph__{args.dataset}__{args.seed}__{int(time.time())}")
+    if os.path.exists(os.path.join(run_dir, "args.json")):
+        fail(f"--run-name: {run_dir} already holds a run; pass --resume {run_dir} to continue it, or another "
+             "--run-name")
+    try:
+        os.makedirs(os.path.join(run_dir, "ckpt"), exist_ok=True)
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    except OSError as e:
+        fail(f"--out: cannot create the run folder {run_dir} ({e.strerror or type(e).__name__})")
+    return run_dir
+
+
+class RunLog:
+    """One record, three places: metrics.jsonl (rewritten from the checkpoint's history on resume), TensorBoard
+    and the progress bar."""
+
+    def __init__(self, run_dir, history, total):
+        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "w")
+        for record in history:
+            self.file.write(json.dumps(record) + "\n")
+        self.writer, self.bar = None, None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(run_dir, purge_step=history[-1]["iter"] + 1 if history else None)
+        except ImportError:
+            pass
+        try:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=history[-1]["iter"] if history else 0, dynamic_ncols=True)
+        except ImportError:
+            pass
+
+    def log(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "iter":
+                    self.writer.add_scalar(k, v, record["iter"])
+        if self.bar:
+            self.bar.update(record["iter"] - self.bar.n)
+            if "loss_critic" in record:
+                self.bar.set_postfix(critic=f"{record['loss_critic']:.3f}", W=f"{record['wasserstein']:.3f}",
+                                     img_s=f"{record['images_per_s']:.0f}")
+
+    def close(self):
+        self.file.close()
+        for part in (self.writer, self.bar):
+            if part:
+                part.close()
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (what torchrun and schedulers send) ask training to stop after the current
+    step; a second one stops at once. Installed only where Python allows handlers (the main thread)."""
+
+    def __init__(self):
+        self.received, self.saved = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------- main
 
-def main(argv=None):
-    args = parse_args(argv)
-    ckpt = None
-    if args.resume:
-        ckpt, run_dir = load_checkpoint(args.resume)
-        args = argparse.Namespace(**{**ckpt["args"], **given_flags(argv), "resume": args.resume})
-    else:
-        name = args.run_name or f"noise_morph__{args.dataset}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join(args.out, name)
+def setup(args):
+    """Device, seeds and determinism."""
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: CUDA is not available here; use --device cpu or auto")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    if args.fid_every and not os.path.isfile(args.fid_weights):
-        fail(f"--fid-weights: {args.fid_weights} not found; give torch-fidelity's Inception weights file")
+    if args.torch_deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
     torch.use_deterministic_algorithms(args.torch_deterministic)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    return device
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = setup(args)
+    inception = load_inception(args, device) if args.fid_every else None
     toy = args.dataset in TOY
     if toy:
         real_ref = sample_toy(args.dataset, 1000, np.random.RandomState(args.seed + 1))
@@ -552,105 +728,77 @@ def main(argv=None):
         next_real = lambda: images[torch.randint(len(images), (args.batch_size,), device=device)]  # noqa: E731
     generator, critic, morpher = Generator(args).to(device), Critic(args).to(device), NoiseMorpher(args).to(device)
     opts = [torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.9)) for m in (generator, critic, morpher)]
-    use_morph = None if args.no_morph else morpher
+    nets = argparse.Namespace(generator=generator, critic=critic, morpher=morpher, modules=(generator, critic, morpher),
+                              opts=opts, opt_generator=opts[0], opt_critic=opts[1], opt_morph=opts[2], stats={},
+                              use_morph=None if args.no_morph else morpher)
     fixed_gen = torch.Generator().manual_seed(args.seed + 1)  # metrics on a fixed z, off the training RNG
     fixed_z = sample_z(args.eval_samples, args.latent_dim, "cpu", fixed_gen).to(device)
-    start, history = 0, []
-    if ckpt:
-        for module, opt, (m_state, o_state) in zip((generator, critic, morpher), opts, ckpt["models"]):
-            module.load_state_dict(m_state)
-            opt.load_state_dict(o_state)
-        start, history = ckpt["iter"], ckpt["history"]
-        set_rng_state(ckpt["rng"])
-    os.makedirs(os.path.join(run_dir, "ckpt"), exist_ok=True)
-    os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    start, history = restore(load_checkpoint(args.resume), nets, args) if args.resume else (0, [])
+    run_dir = open_run_folder(args)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w")  # rewritten from the checkpoint's history
-    for record in history:
-        metrics_file.write(json.dumps(record) + "\n")
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(run_dir)
-    except ImportError:
-        writer = None
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=args.iters, initial=start, dynamic_ncols=True)
-    except ImportError:
-        bar = None
+        json.dump({k: v for k, v in vars(args).items() if k != "resume"}, f, indent=1)
+    run = RunLog(run_dir, history, args.iters)
 
     def checkpoint(done):
-        state = {"models": [(m.state_dict(), o.state_dict()) for m, o in zip((generator, critic, morpher), opts)],
-                 "iter": done, "history": history, "rng": rng_state(), "args": vars(args)}
+        state = {"models": [(m.state_dict(), o.state_dict()) for m, o in zip(nets.modules, opts)], "iter": done,
+                 "history": history, "rng": rng_state(), "args": {k: v for k, v in vars(args).items() if k != "resume"}}
         save_checkpoint(os.path.join(run_dir, "ckpt", "last.pt"), state)
-
-    def check_finite():
-        if int(bad) >= 0:
-            print(f"{SCRIPT}: error: non-finite loss at iteration {int(bad)}; training stopped, last good checkpoint "
-                  "kept", file=sys.stderr)
-            raise SystemExit(1)
 
     bad = torch.full((), -1, dtype=torch.long, device=device)  # first iteration with a non-finite loss
     t_start = t_last = time.time()
-    it_last, done, stats = start, start, {}
+    deadline = t_start + args.max_time if args.max_time else None
+    it_last, done, stop = start, start, None
     try:
-        for it in range(start + 1, args.iters + 1):
-            losses = []
-            for _ in range(args.critic_its):
-                stats.update(critic_step(generator, critic, opts[1], next_real(), args))
-                losses.append(stats["loss_critic"])
-            for _ in range(args.morph_its if use_morph is not None else 0):
-                stats.update(morph_step(generator, critic, morpher, opts[2], args))
-                losses.append(stats["loss_morph"])
-            stats.update(generator_step(generator, critic, opts[0], args, morpher=use_morph))
-            losses.append(stats["loss_gen"])
-            bad = torch.where((bad < 0) & ~torch.isfinite(torch.stack(losses)).all(), it, bad)
-            done, last = it, it == args.iters
-            fid = args.fid_every and it % args.fid_every == 0
-            log = fid or last or it % args.log_every == 0
-            sample = last or (args.sample_every and it % args.sample_every == 0)
-            save = last or (args.ckpt_every and it % args.ckpt_every == 0)
-            if not (log or sample or save):
-                continue
-            check_finite()
-            if log:
-                now = time.time()
-                record = {"iter": it, **{k: v.item() for k, v in stats.items()}, "lr": args.lr,
-                          "images_per_s": (it - it_last) * args.batch_size * args.critic_its / max(now - t_last, 1e-9),
-                          "seconds": now - t_start, **evaluate(generator, critic, use_morph, fixed_z, args)}
+        with StopSignals() as signals:
+            for it in range(start + 1, args.iters + 1):
+                losses = train_step(nets, next_real, it, args)
+                bad = torch.where((bad < 0) & ~torch.isfinite(losses).all(), it, bad)
+                now, done = time.time(), it
+                stop = "time" if deadline and now >= deadline else ("signal" if signals.received else None)
+                last = it == args.iters or stop is not None
+                fid = args.fid_every and (it % args.fid_every == 0 or last) and stop != "signal"
+                log = fid or last or it % args.log_every == 0
+                sample = last or (args.sample_every and it % args.sample_every == 0)
+                save = last or fid or (args.ckpt_every and it % args.ckpt_every == 0)
+                if not (log or sample or save):
+                    continue
+                if int(bad) >= 0:
+                    run.close()
+                    ckpt = os.path.join(run_dir, "ckpt", "last.pt")
+                    kept = f"the last good checkpoint is {ckpt}" if os.path.exists(ckpt) else "no checkpoint was written"
+                    fail(f"non-finite loss at iteration {int(bad)}; training stopped, {kept}", code=1)
+                if log:
+                    record = {"iter": it, **{k: v.item() for k, v in nets.stats.items()}, "lr": args.lr,
+                              "images_per_s": (it - it_last) * args.batch_size * args.critic_its / max(now - t_last, 1e-9),
+                              "seconds": now - t_start, **evaluate(generator, critic, nets.use_morph, fixed_z, args)}
+                    t_last, it_last = now, it
+                    history.append(record)
+                    run.log(record)
+                if sample:
+                    write_plots(run_dir, it, history, generator, critic, nets.use_morph, fixed_z, real_ref)
+                if save:
+                    checkpoint(it)  # before the FID, so that a failing FID loses nothing
                 if fid:
-                    record.update(compute_fid(generator, test_images, args, device, args.out))
-                t_last, it_last = now, it
-                history.append(record)
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                if writer:
-                    for k, v in record.items():
-                        if isinstance(v, (int, float)) and k != "iter":
-                            writer.add_scalar(k, v, it)
-                if bar:
-                    bar.update(it - bar.n)
-                    bar.set_postfix(critic=f"{record['loss_critic']:.3f}", W=f"{record['wasserstein']:.3f}",
-                                    img_s=f"{record['images_per_s']:.0f}")
-            if sample:
-                write_plots(run_dir, it, history, generator, critic, use_morph, fixed_z, real_ref)
-            if save:
-                checkpoint(it)
-    except KeyboardInterrupt:
-        check_finite()
-        checkpoint(done)
-        print(f"{SCRIPT}: interrupted at step {done}; checkpoint written to {run_dir}/ckpt/last.pt")
-    finally:
-        metrics_file.close()
-        if writer:
-            writer.close()
-        if bar:
-            bar.close()
+                    history[-1].update(compute_fid(inception, generator, test_images, args, device, args.out))
+                    run.log({"iter": it, **{k: history[-1][k] for k in ("fid", "kid", "fid_n")}})
+                    checkpoint(it)
+                if stop:
+                    break
+    except KeyboardInterrupt:  # a second signal: out at once, mid-step, so no checkpoint of this state
+        run.close()
+        print(f"\n{SCRIPT}: stopped at once by a second signal; the last checkpoint is in {run_dir}/ckpt",
+              file=sys.stderr)
+        raise SystemExit(130)
+    run.close()
+    if stop == "signal":
+        print(f"{SCRIPT}: {signal.Signals(signals.received).name} after iteration {done}: checkpoint written to "
+              f"{run_dir}/ckpt/last.pt; continue with --resume {run_dir}", file=sys.stderr)
+        raise SystemExit(128 + signals.received)  # 130 for Ctrl-C: a `train && next` chain stops here
     last = history[-1] if history else {}
     keys = ("wasserstein", "modes_covered", "hq_share", "manifold_dist", "morph_gap", "fid")
     extras = "".join(f", {k} {last[k]:.4g}" for k in keys if last.get(k) is not None)
-    print(f"{SCRIPT}: {done} generator steps in {time.time() - t_start:.0f}s{extras}; run folder {run_dir}")
+    why = f"stopped on time (--max-time {args.max_time:g} s)" if stop == "time" else "done"
+    print(f"{SCRIPT}: {why}: {done} generator steps in {time.time() - t_start:.0f}s{extras}; run folder {run_dir}")
     return run_dir
 
 

@@ -8,11 +8,13 @@ arXiv 1704.00028), where the seed-001 experiment log ended. FID (Heusel et al. 2
 against the real test split through torch-fidelity.
 
 Usage:
-    python wgan_mnist.py --data ../shared/data                           # paper defaults, dcgan nets
+    python wgan_mnist.py --data ../shared/data                           # paper algorithm, small dcgan nets
+    python wgan_mnist.py --data data --download --penalty gp --max-time 5m   # WGAN-GP digits in 5 minutes
     python wgan_mnist.py --data ../shared/data --critic-its 1            # seed 001: k too small
     python wgan_mnist.py --data ../shared/data --clip-value 0.05         # seed 001: looser clipping
     python wgan_mnist.py --data ../shared/data --lr 5e-4                 # seed 001: RMSprop 5e-4
     python wgan_mnist.py --data ../shared/data --penalty gp              # WGAN-GP, Adam 1e-4 (0.5, 0.9)
+    python wgan_mnist.py --data ../shared/data --g-width 64 --d-width 64 # the paper's DCGAN widths
     python wgan_mnist.py --data ../shared/data --arch mlp --critic-warmup   # the paper's MLP and schedule
     python wgan_mnist.py --data ../shared/data --fid-floor --fid-samples 1000 \
         --fid-weights ../shared/models/weights-inception-2015-12-05-6726825d.pth   # real-vs-real FID floor
@@ -25,39 +27,64 @@ Departures from the paper and the seed (PyTorch default initialisation throughou
      gradient pointed the same way for every sample (cosine 0.999 at step 500), so every z was pushed to one
      pattern (experiments/wgan_mnist_collapse.py); with it, samples stay varied (README, wgan_mnist Results).
      The generator keeps BatchNorm and is switched to eval mode only to draw sample grids and FID images.
-  2. `--critic-warmup` (100 critic steps for generator steps 0..24 and every 500th) is off by default so that
+  2. Widths and upsampling are chosen for quality per CPU-second (README, bench/RESULTS.md): the generator
+     starts at 7x7 and doubles twice with stride-2 4x4 transposed convs (a kernel divisible by the stride: no
+     checkerboard from uneven overlap; `--upsample nearest` is nearest x2 + 3x3 conv), `--g-width`/`--d-width`
+     set the channels; the paper's DCGAN widths are `--g-width 64 --d-width 64`.
+  3. `--critic-warmup` (100 critic steps for generator steps 0..24 and every 500th) is off by default so that
      short runs compare `--critic-its` settings directly; the paper had it on.
-  3. Optimizers: RMSprop with torch defaults (alpha 0.99, eps 1e-8, no momentum); `--optimizer adam` uses
+  4. Optimizers: RMSprop with torch defaults (alpha 0.99, eps 1e-8, no momentum); `--optimizer adam` uses
      betas (0.5, 0.9) in both modes. The default optimizer and lr follow `--penalty`: clip -> RMSprop 5e-5,
      gp -> Adam 1e-4; an explicit `--optimizer` keeps the penalty's default lr unless `--lr` is given.
-  4. The whole split is held as one uint8 tensor on the device and batches are drawn by index from a per-epoch
+  5. `--gp-every K` pays the penalty on every K-th critic step only, weighted lambda * K (StyleGAN2's lazy
+     regularisation); `--ema` keeps a moving average of the generator for grids and FID (off by default).
+  6. The whole split is held as one uint8 tensor on the device and batches are drawn by index from a per-epoch
      permutation seeded by (seed, epoch), so `--num-workers` is accepted but unused.
-  5. Logged losses and the Wasserstein estimate are means over the steps since the previous log step.
+  7. Logged losses and the Wasserstein estimate are means over the steps since the previous log step.
 """
 import argparse
+import copy
 import json
 import os
 import random
+import re
+import signal
 import sys
+import threading
 import time
+import types
 import zlib
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
+try:
+    import numpy as np
+    import torch
+    import torch.nn as nn
+except KeyboardInterrupt:  # Ctrl-C while torch loads: no traceback
+    print("wgan_mnist.py: interrupted while starting", file=sys.stderr)
+    raise SystemExit(130)
 
 PROG = "wgan_mnist.py"
+NOT_FROM_FILES = ("config", "resume", "run_name")  # said on the command line only
 
 
-def fail(msg):
+def fail(msg, code=2):
     print(f"{PROG}: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
+# ---------------------------------------------------------------------------------------------- flags
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block
         fail(message)
+
+
+def duration(text):
+    """--max-time: seconds, or a number with s, m or h ('90s', '30m', '2h')."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", str(text))
+    if not m or float(m[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a time budget; give seconds or e.g. 90s, 30m, 2h")
+    return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]]
 
 
 def build_parser():
@@ -68,11 +95,19 @@ def build_parser():
     a("--dataset", default="mnist", choices=["mnist", "fashion-mnist"], help="which torchvision dataset")
     a("--download", action="store_true", help="download the dataset when its files are missing")
     a("--arch", default="dcgan", choices=["dcgan", "mlp"], help="conv nets or the paper's 4x512 ReLU MLPs")
+    a("--g-width", type=int, default=None, help="dcgan generator width g: 7x7x4g -> 14x14x2g -> 28x28x1 "
+      "(default: 16 with gp, 16 with clip)")
+    a("--d-width", type=int, default=None, help="dcgan critic width d: 14x14xd -> 7x7x2d -> 4x4x4d -> 1 "
+      "(default: 16 with gp, 32 with clip)")
+    a("--upsample", default="tconv", choices=["tconv", "nearest"],
+      help="generator upsampling: stride-2 4x4 transposed conv, or nearest x2 + 3x3 conv")
     a("--image-size", type=int, default=28, choices=[28], help="image side (MNIST is 28)")
     a("--channels", type=int, default=1, choices=[1], help="image channels (MNIST is grayscale)")
     a("--batch-size", type=int, default=64, help="images per critic and generator step")
     a("--latent-dim", type=int, default=100, help="size of z ~ N(0, I)")
     a("--iters", type=int, default=10000, help="generator steps")
+    a("--max-time", type=duration, default=None,
+      help="wall-clock budget (seconds, or 90s, 30m, 2h): training ends after the step that crosses it")
     a("--critic-its", type=int, default=5, help="critic steps per generator step (k)")
     a("--critic-warmup", action="store_true",
       help="paper schedule: 100 critic steps for generator steps 0..24 and every 500th")
@@ -81,13 +116,18 @@ def build_parser():
     a("--critic-norm", default="auto", choices=["auto", "batch", "none"],
       help="BatchNorm in the dcgan critic: auto = batch with clip (the paper's DCGAN critic), none with gp")
     a("--gp-lambda", type=float, default=10.0, help="gradient penalty weight (gp mode)")
+    a("--gp-every", type=int, default=1,
+      help="lazy penalty: only every K-th critic step pays the penalty, weighted lambda * K (gp mode)")
     a("--optimizer", default=None, choices=["rmsprop", "adam"],
       help="default: rmsprop with clip, adam (betas 0.5, 0.9) with gp")
     a("--lr", type=float, default=None, help="learning rate; default 5e-5 with clip, 1e-4 with gp")
+    a("--ema", type=float, default=0.0,
+      help="decay of a moving average of the generator's weights, used for grids and FID (0: off)")
     a("--seed", type=int, default=1, help="random seed")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     a("--torch-deterministic", action="store_true", help="deterministic kernels (bit-exact resume on CPU)")
-    a("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    a("--amp", action="store_true",
+      help="bf16 autocast (CUDA; on a CPU it runs too, and mostly pays on CPUs with bf16 units)")
     a("--out", default="runs", help="folder for run folders")
     a("--run-name", default=None, help="run folder name; default wgan_mnist__<dataset>__<seed>__<time>")
     a("--resume", default=None, help="checkpoint .pt or run folder to continue")
@@ -104,7 +144,20 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
+    """The command line over a config file over a resumed checkpoint's settings, all through argparse, so that
+    every type, choice and check applies to each. With --resume, args.resume is the checkpoint file."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, tokens = parser.parse_args(argv), []
+    if args.resume:
+        args.resume = str(checkpoint_file(args.resume))
+        tokens += as_flags(load_checkpoint(args.resume)["args"], f"--resume {args.resume}", parser)
+    if args.config:
+        tokens += as_flags(read_config(args.config), f"--config {args.config}", parser)
+    if tokens:
+        resume = args.resume
+        args = parser.parse_args(tokens + argv)
+        args.resume = resume
     checks = [(args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
               (args.critic_its < 1, f"--critic-its must be at least 1 critic step, got {args.critic_its}"),
               (args.clip_value <= 0, f"--clip-value must be positive (clipping to [-c, c]), got {args.clip_value}"),
@@ -112,6 +165,9 @@ def parse_args(argv=None):
               (args.iters < 0, f"--iters must be 0 or more, got {args.iters}"),
               (args.gp_lambda < 0, f"--gp-lambda must be 0 or more, got {args.gp_lambda}"),
               (args.latent_dim < 1, f"--latent-dim must be at least 1, got {args.latent_dim}"),
+              (min(args.g_width or 1, args.d_width or 1) < 1, "--g-width and --d-width must be at least 1"),
+              (args.gp_every < 1, f"--gp-every must be at least 1 (1: the penalty at every step), got {args.gp_every}"),
+              (not 0 <= args.ema < 1, f"--ema must be in [0, 1), got {args.ema}"),
               (args.log_every < 1, f"--log-every must be at least 1, got {args.log_every}"),
               (min(args.sample_every, args.ckpt_every, args.fid_every) < 0,
                "--sample-every, --ckpt-every and --fid-every must be 0 or more"),
@@ -127,26 +183,31 @@ def parse_args(argv=None):
     gp = args.penalty == "gp"
     args.optimizer = args.optimizer or ("adam" if gp else "rmsprop")
     args.lr = args.lr if args.lr is not None else (1e-4 if gp else 5e-5)
+    args.g_width = args.g_width or 16
+    args.d_width = args.d_width or (16 if gp else 32)
     if args.critic_norm == "auto":
         args.critic_norm = "batch" if args.arch == "dcgan" and not gp else "none"
     return args
 
 
-def as_flags(values, source):
-    """Turn a dict of flag values (config file or checkpoint args) into command-line tokens."""
-    actions = {a.dest: a for a in build_parser()._actions if a.option_strings}
+def as_flags(values, source, parser):
+    """A dict of flag values (config file or checkpoint settings) as command-line tokens."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    unknown = [k for k in values if k.replace("-", "_") not in actions]
+    if unknown and source.startswith("--resume"):
+        fail(f"{source} is not a checkpoint of {PROG}: it has settings this script does not have "
+             f"({', '.join(unknown[:4])})")
+    if unknown:
+        fail(f"{source}: unknown key '{unknown[0]}'; keys are the script's flags (see --help)")
     tokens = []
     for key, value in values.items():
-        dest = key.replace("-", "_")
-        if dest in ("config", "resume", "run_name"):
+        action = actions[key.replace("-", "_")]
+        if action.dest in NOT_FROM_FILES or value is None:
             continue
-        if dest not in actions or dest == "help":
-            fail(f"{source}: unknown key '{key}'; keys are the script's flags (see --help)")
-        flag = actions[dest].option_strings[0]
-        if isinstance(actions[dest], argparse._StoreTrueAction):
-            tokens += [flag] if value else []
-        elif value is not None:
-            tokens += [flag, str(value)]
+        if isinstance(action, argparse._StoreTrueAction):
+            tokens += [action.option_strings[0]] if value else []
+        else:
+            tokens += [action.option_strings[0], str(value)]
     return tokens
 
 
@@ -165,48 +226,26 @@ def read_config(path):
     return values
 
 
-def load_checkpoint(path):
-    path = Path(path)
-    path = path / "ckpt" / "last.pt" if path.is_dir() else path
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        assert isinstance(ckpt, dict) and "generator" in ckpt
-    except Exception as e:
-        fail(f"--resume: {path} is missing, truncated or not a checkpoint of this script ({type(e).__name__}); "
-             "point --resume at a run folder or its ckpt/last.pt")
-    return path, ckpt
-
-
-def build_args(argv=None):
-    """parse_args plus what needs files: checkpoint args < config file < command line."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, ckpt, tokens = parse_args(argv), None, []
-    if args.resume:
-        ckpt_path, ckpt = load_checkpoint(args.resume)
-        ckpt["args"].setdefault("critic_norm", "none")  # checkpoints from before --critic-norm: no critic BN
-        tokens += as_flags(ckpt["args"], f"--resume {ckpt_path}")
-    if args.config:
-        tokens += as_flags(read_config(args.config), f"--config {args.config}")
-    if tokens:
-        args = parse_args(tokens + argv)
-    if ckpt is not None:
-        args.run_dir = str(ckpt_path.parent.parent)
-    return args, ckpt
-
-
 # ----------------------------------------------------------------------------------------------- data
 def load_split(args, train):
     """Whole split as a uint8 tensor [N, 28, 28]; download only when files are missing and --download."""
     from torchvision import datasets
     cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[args.dataset]
     folder = Path(args.data) / cls.__name__ / "raw"
-    try:
-        return cls(args.data, train=train, download=args.download).data
-    except RuntimeError:
+    files = [folder / f"{'train' if train else 't10k'}-{kind}-idx{rank}-ubyte" for kind, rank in (("images", 3),
+                                                                                                ("labels", 1))]
+    present = all(f.is_file() for f in files)
+    if not present and not args.download:
         fail(f"--data: no {args.dataset} files in {folder}; pass --download to fetch them there "
              "or point --data at the torchvision root that holds them")
+    try:
+        return cls(args.data, train=train, download=args.download and not present).data
     except Exception as e:
-        fail(f"--download: could not fetch {args.dataset} into {folder} ({type(e).__name__}: {e})")
+        if present:
+            fail(f"--data: cannot read the {args.dataset} files in {folder} ({type(e).__name__}); they may be "
+                 "truncated: delete them and fetch them again with --download")
+        fail(f"--download: could not fetch {args.dataset} into {folder} ({type(e).__name__}); check the network "
+             "or copy the idx files there by hand")
 
 
 def to_unit(images_uint8):
@@ -249,7 +288,8 @@ def mlp(sizes, last):
 
 
 class Generator(nn.Module):
-    """dcgan: z -> linear 4x4x256 -> tconv 7x7x128 -> 14x14x64 -> 28x28x1, tanh; mlp: 4 x 512 ReLU."""
+    """dcgan: z -> linear 7x7x4g -> up 14x14x2g -> up 28x28x1, BatchNorm + ReLU between, tanh; `up` is a stride-2
+    4x4 transposed conv (kernel divisible by the stride) or nearest x2 + 3x3 conv. mlp: 4 x 512 ReLU."""
 
     def __init__(self, args):
         super().__init__()
@@ -257,20 +297,25 @@ class Generator(nn.Module):
             self.net = nn.Sequential(mlp([args.latent_dim] + [512] * 4 + [784], nn.Tanh()),
                                      nn.Unflatten(1, (1, 28, 28)))
             return
-        def up(c_in, c_out, k):
-            return [nn.ConvTranspose2d(c_in, c_out, k, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        g = args.g_width
+
+        def up(c_in, c_out, bias):
+            if args.upsample == "nearest":
+                return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, 1, 1, bias=bias)]
+            return [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias)]
         self.net = nn.Sequential(
-            nn.Linear(args.latent_dim, 4 * 4 * 256, bias=False), nn.BatchNorm1d(4 * 4 * 256), nn.ReLU(),
-            nn.Unflatten(1, (256, 4, 4)), *up(256, 128, 3), *up(128, 64, 4),
-            nn.ConvTranspose2d(64, 1, 4, 2, 1), nn.Tanh())
+            nn.Linear(args.latent_dim, 7 * 7 * 4 * g, bias=False), nn.Unflatten(1, (4 * g, 7, 7)),
+            nn.BatchNorm2d(4 * g), nn.ReLU(),
+            *up(4 * g, 2 * g, False), nn.BatchNorm2d(2 * g), nn.ReLU(),  # 14x14
+            *up(2 * g, 1, True), nn.Tanh())  # 28x28
 
     def forward(self, z):
         return self.net(z)
 
 
 class Critic(nn.Module):
-    """dcgan: conv 64-128-256 stride 2, LeakyReLU 0.2, BatchNorm after the 2nd and 3rd conv with
-    `--critic-norm batch`, linear head; mlp: 4 x 512 ReLU."""
+    """dcgan: stride-2 convs to 14x14xd, 7x7x2d, 4x4x4d, LeakyReLU 0.2, BatchNorm after the 2nd and 3rd conv
+    with `--critic-norm batch`, linear head; mlp: 4 x 512 ReLU."""
 
     def __init__(self, args):
         super().__init__()
@@ -281,8 +326,9 @@ class Critic(nn.Module):
 
         def down(c_in, c_out, k, norm):
             return [nn.Conv2d(c_in, c_out, k, 2, 1, bias=not norm)] + [nn.BatchNorm2d(c_out)] * norm + [act]
-        self.net = nn.Sequential(*down(1, 64, 4, False), *down(64, 128, 4, bn), *down(128, 256, 3, bn),  # 14, 7, 4
-                                 nn.Flatten(), nn.Linear(256 * 4 * 4, 1))
+        d = args.d_width
+        self.net = nn.Sequential(*down(1, d, 4, False), *down(d, 2 * d, 4, bn), *down(2 * d, 4 * d, 3, bn),  # 14, 7, 4
+                                 nn.Flatten(), nn.Linear(4 * d * 4 * 4, 1))
 
     def forward(self, x):
         return self.net(x).squeeze(1)
@@ -298,6 +344,7 @@ def gradient_penalty(critic, real, fake):
     return (grad.flatten(1).to(real.dtype).norm(dim=1) - 1).pow(2).mean()
 
 
+# ------------------------------------------------------------------------------------- one-step functions
 def critic_iters_for(step, args):
     """Critic steps before generator step `step` (0-based); the paper's warm-up when asked."""
     if args.critic_warmup and (step < 25 or step % 500 == 0):
@@ -305,10 +352,11 @@ def critic_iters_for(step, args):
     return args.critic_its
 
 
-def make_optimizers(generator, critic, args):
+def make_optimizers(generator, critic, args, fused=False):
+    """(generator's, critic's); `fused` Adam kernels where main runs on CUDA (tested on a CPU too)."""
     def make(params):
         if args.optimizer == "adam":
-            return torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.9))
+            return torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.9), fused=fused or None)
         return torch.optim.RMSprop(params, lr=args.lr, alpha=0.99, eps=1e-8, momentum=0.0)
     return make(generator.parameters()), make(critic.parameters())
 
@@ -317,8 +365,9 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
 
-# ------------------------------------------------------------------------------------------ one step
-def critic_step(generator, critic, opt_critic, real, args):
+def critic_step(generator, critic, opt_critic, real, args, penalize=True):
+    """One critic update; with `--penalty gp` the penalty is paid when `penalize` (every --gp-every-th step),
+    weighted lambda * K so that its average weight stays lambda."""
     z = torch.randn(real.shape[0], args.latent_dim, device=real.device)
     with torch.no_grad():
         fake = generator(z)
@@ -326,9 +375,9 @@ def critic_step(generator, critic, opt_critic, real, args):
         wasserstein = critic(real).float().mean() - critic(fake).float().mean()
         loss = -wasserstein
         out = {}
-        if args.penalty == "gp" and args.gp_lambda:  # lambda 0: no penalty pass (the bench's no-penalty step)
+        if args.penalty == "gp" and args.gp_lambda and penalize:  # lambda 0: no penalty pass at all
             gp = gradient_penalty(critic, real, fake)
-            loss = loss + args.gp_lambda * gp
+            loss = loss + args.gp_lambda * args.gp_every * gp
             out["gp"] = gp.detach()
     opt_critic.zero_grad(set_to_none=True)
     loss.backward()
@@ -354,9 +403,62 @@ def generator_step(generator, critic, opt_generator, args):
     return {"loss_gen": loss.detach()}
 
 
+@torch.no_grad()
+def update_ema(ema, generator, step, decay):
+    """Weights: average with decay min(decay, (1 + t) / (10 + t)), so early averages are not the initial
+    weights; BatchNorm statistics: copied."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for avg, live in zip(ema.parameters(), generator.parameters()):
+        avg.lerp_(live, 1 - decay)
+    for avg, live in zip(ema.buffers(), generator.buffers()):
+        avg.copy_(live)
+
+
 def clip_fraction(critic, c):
     at_bound = sum(int((p.abs() >= c).sum()) for p in critic.parameters())
     return at_bound / sum(p.numel() for p in critic.parameters())
+
+
+def train_step(nets, batches, count, args):
+    """One generator step: its critic steps (the penalty on every --gp-every-th), the generator update, then the
+    moving average. Returns the losses of every update; `count` (step, critic_steps) moves on by one step."""
+    out = []
+    for _ in range(critic_iters_for(count["step"], args)):
+        penalize = count["critic_steps"] % args.gp_every == 0
+        out.append(critic_step(nets.generator, nets.critic, nets.opt_c, batches.next(), args, penalize))
+        count["critic_steps"] += 1
+    out.append(generator_step(nets.generator, nets.critic, nets.opt_g, args))
+    count["step"] += 1
+    if nets.ema is not None:
+        update_ema(nets.ema, nets.generator, count["step"], args.ema)
+    return out
+
+
+class Meter:
+    """Means of the losses since the last log line, and the first non-finite step, kept on the device so that
+    training never waits for the host; read only at log, sample and checkpoint steps."""
+
+    def __init__(self, device):
+        self.sums, self.counts, self.images, self.since = {}, {}, 0, time.time()
+        self.first_bad = torch.tensor(-1, device=device)
+
+    def add(self, outs, step, batch_size):
+        for out in outs:
+            for k, v in out.items():
+                self.sums[k] = self.sums.get(k, 0) + v
+                self.counts[k] = self.counts.get(k, 0) + 1
+            bad = ~torch.isfinite(out.get("loss_critic", out.get("loss_gen")))
+            self.first_bad = torch.where((self.first_bad < 0) & bad, step, self.first_bad)
+        self.images += (len(outs) - 1) * batch_size  # real images through the critic
+
+    def bad_step(self):
+        return int(self.first_bad) if int(self.first_bad) >= 0 else None
+
+    def record(self, step, now):
+        row = {"iter": step, **{k: float(self.sums[k]) / self.counts[k] for k in self.sums},
+               "images_per_s": self.images / max(now - self.since, 1e-9)}
+        self.sums, self.counts, self.images, self.since = {}, {}, 0, now
+        return row
 
 
 # ------------------------------------------------------------------------------------- images and FID
@@ -378,40 +480,64 @@ def subset(images, n, seed):
     return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
 
 
-class RGBImages(torch.utils.data.Dataset):
-    """uint8 [N, 28, 28] or [N, 1, 28, 28] -> uint8 [3, 28, 28] items, as torch-fidelity takes them."""
-
-    def __init__(self, images):
-        self.images = images.reshape(len(images), 1, *images.shape[-2:])
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i].expand(3, -1, -1).contiguous()
-
-
-def fid_vs_test(images, test_images, args, device):
-    """FID and KID of n uint8 images against n images of the real test split (fixed subset)."""
-    import torch_fidelity
-    n = len(images)
-    data_key = zlib.crc32(str(Path(args.data).resolve()).encode())  # another root, another cache entry
+def load_inception(args, device):
+    """torch-fidelity's FID Inception, built at start so that a missing torch-fidelity or bad --fid-weights stops
+    the run before training; on a CPU in channels_last (its NHWC kernels measured 1.3x faster here)."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError:
+        fail("--fid-every and --fid-floor need torch-fidelity (pip install torch-fidelity)")
     if args.fid_weights and not Path(args.fid_weights).is_file():
         fail(f"--fid-weights: file {args.fid_weights} not found; give torch-fidelity's Inception weights")
-    m = torch_fidelity.calculate_metrics(
-        input1=RGBImages(images), input2=RGBImages(subset(test_images, n, 0)), fid=True, kid=True,
-        kid_subset_size=min(1000, n), feature_extractor_weights_path=args.fid_weights,
-        cuda=device.type == "cuda", batch_size=100, verbose=False, cache=True, save_cpu_ram=True,  # no workers
-        cache_root=str(Path(args.out) / ".fid_cache"), input2_cache_name=f"{args.dataset}-test-n{n}-seed0-{data_key}")
-    return {"fid": m["frechet_inception_distance"], "kid": m["kernel_inception_distance_mean"], "fid_n": n}
+    try:
+        with torch.random.fork_rng(devices=[]):  # its layers' initialisation must not move the training RNG
+            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                              feature_extractor_weights_path=args.fid_weights)
+    except Exception as e:
+        fail(f"--fid-weights: cannot load {args.fid_weights} as torch-fidelity's Inception weights "
+             f"({type(e).__name__})")
+    cpu = device.type == "cpu"
+    return net.eval().to(device, memory_format=torch.channels_last if cpu else torch.preserve_format)
 
 
-def fid_of_generator(generator, test_images, args, device):
+@torch.no_grad()
+def inception_features(inception, images, device):
+    """Pool features [n, 2048] of uint8 [n, 28, 28] images, in batches of 25 on a CPU (faster there than 100)."""
+    chunks = images.reshape(-1, 1, 28, 28).split(25 if device.type == "cpu" else 250)
+    return torch.cat([inception(chunk.expand(-1, 3, -1, -1).to(device))[0].cpu() for chunk in chunks])
+
+
+def fid_vs_test(inception, images, test_images, args, device):
+    """FID and KID (torch-fidelity's metric code) of n uint8 images against a fixed n-image subset of the
+    test split, whose features are cached under --out."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    n = len(images)
+    data_key = zlib.crc32(str(Path(args.data).resolve()).encode())  # another root, another cache entry
+    cache = Path(args.out) / ".fid_cache" / f"{args.dataset}-test-n{n}-seed0-{data_key}.pt"
+    if cache.is_file():
+        real = torch.load(cache)
+    else:
+        real = inception_features(inception, subset(test_images, n, 0), device)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(real, cache)
+    fake = inception_features(inception, images, device)
+    fid = fid_statistics_to_metric(fid_features_to_statistics(fake), fid_features_to_statistics(real), False)
+    kid = kid_features_to_metric(fake, real, kid_subset_size=min(1000, n), verbose=False)
+    return {"fid": fid["frechet_inception_distance"], "kid": kid["kernel_inception_distance_mean"], "fid_n": n}
+
+
+def fid_of_generator(inception, generator, test_images, args, device):
     g = torch.Generator(device=device).manual_seed(args.seed + 7)  # own stream: FID leaves training RNG alone
     chunks = [to_uint8(generate(generator, torch.randn(min(500, args.fid_samples - i), args.latent_dim,
                                                        generator=g, device=device)))
               for i in range(0, args.fid_samples, 500)]
-    return fid_vs_test(torch.cat(chunks), test_images, args, device)
+    return fid_vs_test(inception, torch.cat(chunks), test_images, args, device)
+
+
+def save_grid(generator, z, path):
+    from torchvision.utils import save_image
+    save_image(generate(generator, z) * 0.5 + 0.5, path, nrow=8)
 
 
 def save_gif(sample_dir, path):
@@ -421,7 +547,7 @@ def save_gif(sample_dir, path):
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=300, loop=0)
 
 
-# ----------------------------------------------------------------------------------------- checkpoint
+# -------------------------------------------------------------------------------- run folder and checkpoint
 def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -435,6 +561,23 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoint_file(path):
+    path = Path(path)
+    return path / "ckpt" / "last.pt" if path.is_dir() else path
+
+
+def load_checkpoint(path):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        assert isinstance(ckpt, dict) and {"generator", "args"} <= set(ckpt)
+    except Exception as e:
+        fail(f"--resume: {path} is missing, truncated or not a checkpoint ({type(e).__name__}); "
+             "point --resume at a run folder or its ckpt/last.pt")
+    if "step" not in ckpt:
+        fail(f"--resume {path} is not a checkpoint of {PROG} (it is another script's)")
+    return ckpt
+
+
 def save_checkpoint(path, state):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -445,15 +588,102 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+class RunLog:
+    """One record, three places: metrics.jsonl, TensorBoard and the progress bar."""
+
+    def __init__(self, run_dir, total, initial):
+        self.path, self.writer, self.bar = run_dir / "metrics.jsonl", None, None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir), purge_step=initial or None)
+        except ImportError:
+            pass
+        try:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True)
+        except ImportError:
+            pass
+
+    def log(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer:
+            for k, v in record.items():
+                if k != "iter":
+                    self.writer.add_scalar(k, v, record["iter"])
+        if self.bar and "loss_critic" in record:
+            self.bar.set_postfix(loss_c=f"{record['loss_critic']:.4f}", w=f"{record['wasserstein']:.4f}",
+                                 img_s=f"{record['images_per_s']:.0f}")
+
+    def close(self):
+        for part in (self.bar, self.writer):
+            if part:
+                part.close()
+
+
+def open_run_folder(args):
+    """The run folder: the checkpoint's when resuming, else a new one that must not hold a run already."""
+    if args.resume:
+        return Path(args.resume).parent.parent
+    run_dir = Path(args.out) / (args.run_name or f"wgan_mnist__{args.dataset}__{args.seed}__{int(time.time())}")
+    if (run_dir / "args.json").exists():
+        fail(f"--run-name: {run_dir} already holds a run; pass --resume {run_dir} to continue it, or another "
+             "--run-name")
+    try:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--out: cannot create the run folder {run_dir} ({e.strerror or type(e).__name__})")
+    return run_dir
+
+
+def restore(ckpt, nets, batches, count, args):
+    """Everything a checkpoint holds, and the command line's --lr in force (an explicit --lr on resume wins)."""
+    try:
+        nets.generator.load_state_dict(ckpt["generator"])
+        nets.critic.load_state_dict(ckpt["critic"])
+    except RuntimeError:
+        fail(f"--resume {args.resume}: its nets do not match these settings (a checkpoint of an earlier version "
+             "of this script?)")
+    if nets.ema is not None:  # a run without an average starts one from its generator
+        nets.ema.load_state_dict(ckpt.get("ema") or ckpt["generator"])
+    for opt, key in ((nets.opt_g, "opt_generator"), (nets.opt_c, "opt_critic")):
+        opt.load_state_dict(ckpt[key])
+        for group in opt.param_groups:
+            group["lr"] = args.lr
+    batches.load_state_dict(ckpt["batches"])
+    set_rng_state(ckpt["rng"])
+    count.update(step=ckpt["step"], critic_steps=ckpt.get("critic_steps", 0))
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (what torchrun and schedulers send) ask training to stop after the current
+    step; a second one stops at once. Installed only where Python allows handlers (the main thread)."""
+
+    def __init__(self):
+        self.received, self.saved = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
 # ----------------------------------------------------------------------------------------------- main
-def main(argv=None):
-    args, ckpt = build_args(argv)
+def setup(args):
+    """Device, seeds and determinism."""
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA device here; use --device cpu or auto")
-    if args.amp and not cuda:
-        fail("--amp needs CUDA; drop --amp on CPU")
-    device = torch.device("cuda" if cuda else "cpu")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -463,127 +693,90 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = False
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda" if cuda else "cpu")
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = setup(args)
+    inception = load_inception(args, device) if args.fid_every or args.fid_floor else None
     if args.fid_floor:  # real train vs real test at the same n: the best FID a generator can reach at this n
         train = subset(load_split(args, train=True), args.fid_samples, 1)
-        print(json.dumps({"fid_floor": fid_vs_test(train, load_split(args, train=False), args, device),
-                          "dataset": args.dataset}))
-        return
+        floor = fid_vs_test(inception, train, load_split(args, train=False), args, device)
+        print(json.dumps({"fid_floor": floor, "dataset": args.dataset}))
+        return floor
     train_images = load_split(args, train=True).to(device)
     test_images = load_split(args, train=False) if args.fid_every else None
-
     generator, critic = Generator(args).to(device), Critic(args).to(device)
-    if cuda and args.arch == "dcgan":  # cuDNN's faster conv layout
+    if device.type == "cuda" and args.arch == "dcgan":  # cuDNN's faster conv layout
         generator, critic = (m.to(memory_format=torch.channels_last) for m in (generator, critic))
-    opt_g, opt_c = make_optimizers(generator, critic, args)
+    ema = copy.deepcopy(generator).requires_grad_(False) if args.ema else None
+    opt_g, opt_c = make_optimizers(generator, critic, args, fused=device.type == "cuda")
+    nets = types.SimpleNamespace(generator=generator, critic=critic, ema=ema, opt_g=opt_g, opt_c=opt_c)
     batches = Batches(train_images, args.batch_size, args.seed)
     fixed_z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    step = 0
-    if ckpt is not None:
-        generator.load_state_dict(ckpt["generator"])
-        critic.load_state_dict(ckpt["critic"])
-        opt_g.load_state_dict(ckpt["opt_generator"])
-        opt_c.load_state_dict(ckpt["opt_critic"])
-        batches.load_state_dict(ckpt["batches"])
-        set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
-        run_dir = Path(args.run_dir)
-    else:
-        run_dir = Path(args.out) / (args.run_name or f"wgan_mnist__{args.dataset}__{args.seed}__{int(time.time())}")
-    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    saved_args = {k: v for k, v in vars(args).items() if k != "run_dir"}
-    (run_dir / "args.json").write_text(json.dumps(saved_args, indent=2))
+    count = {"step": 0, "critic_steps": 0}
+    if args.resume:
+        restore(load_checkpoint(args.resume), nets, batches, count, args)
+    run_dir = open_run_folder(args)
     ckpt_path = run_dir / "ckpt" / "last.pt"
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(run_dir))
-    except ImportError:
-        writer = None
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=args.iters, initial=step, dynamic_ncols=True)
-    except ImportError:
-        bar = None
-
-    first_bad = torch.tensor(-1, device=device)  # first non-finite iteration, read only at log/ckpt steps
-    sums, counts = {}, {}
-    last_log_time, last_log_critic_steps, critic_steps, start = time.time(), 0, 0, time.time()
-    row = {}
-
-    def check_finite():
-        bad = int(first_bad)
-        if bad >= 0:
-            if bar:
-                bar.close()
-            print(f"{PROG}: non-finite loss at iteration {bad}; stopped, last good checkpoint kept at {ckpt_path}",
-                  file=sys.stderr)
-            raise SystemExit(1)
+    saved_args = {k: v for k, v in vars(args).items() if k != "resume"}
+    (run_dir / "args.json").write_text(json.dumps(saved_args, indent=2))
+    run, meter = RunLog(run_dir, args.iters, count["step"]), Meter(device)
+    start = time.time()
+    deadline, stop, row = start + args.max_time if args.max_time else None, None, {}
 
     def checkpoint():
-        check_finite()
-        save_checkpoint(ckpt_path, {
-            "generator": generator.state_dict(), "critic": critic.state_dict(), "opt_generator": opt_g.state_dict(),
-            "opt_critic": opt_c.state_dict(), "batches": batches.state_dict(), "rng": rng_state(), "step": step,
-            "args": saved_args})
-
-    def accumulate(out, it):
-        nonlocal first_bad
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0) + v
-            counts[k] = counts.get(k, 0) + 1
-        bad = ~torch.isfinite(out.get("loss_critic", out.get("loss_gen")))
-        first_bad = torch.where((first_bad < 0) & bad, it, first_bad)
+        state = {"generator": generator.state_dict(), "critic": critic.state_dict(), "ema": ema and ema.state_dict(),
+                 "opt_generator": opt_g.state_dict(), "opt_critic": opt_c.state_dict(),
+                 "batches": batches.state_dict(), "rng": rng_state(), **count, "args": saved_args}
+        save_checkpoint(ckpt_path, state)
 
     try:
-        while step < args.iters:
-            for _ in range(critic_iters_for(step, args)):
-                accumulate(critic_step(generator, critic, opt_c, batches.next(), args), step + 1)
-                critic_steps += 1
-            accumulate(generator_step(generator, critic, opt_g, args), step + 1)
-            step += 1
-            last = step == args.iters
-            if step % args.log_every == 0 or last:
-                check_finite()
-                now = time.time()
-                row = {"iter": step, **{k: float(sums[k]) / counts[k] for k in sums}, "lr": args.lr,
-                       "images_per_s": (critic_steps - last_log_critic_steps) * args.batch_size
-                       / (now - last_log_time),
-                       "seconds": now - start}
-                if args.penalty == "clip":
-                    row["clip_fraction"] = clip_fraction(critic, args.clip_value)
-                if args.fid_every and (step % args.fid_every == 0 or last):
-                    row.update(fid_of_generator(generator, test_images, args, device))
-                sums, counts = {}, {}
-                last_log_time, last_log_critic_steps = now, critic_steps
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if writer:
-                    for k, v in row.items():
-                        writer.add_scalar(k, v, step)
-                if bar:
-                    bar.set_postfix(loss_c=f"{row['loss_critic']:.4f}", w=f"{row['wasserstein']:.4f}",
-                                    img_s=f"{row['images_per_s']:.0f}")
-            if bar:
-                bar.update(1)
-            if (args.sample_every and step % args.sample_every == 0) or last:
-                check_finite()
-                from torchvision.utils import save_image
-                save_image(generate(generator, fixed_z) * 0.5 + 0.5, run_dir / "samples" / f"iter_{step:06d}.png",
-                           nrow=8)
-            if (args.ckpt_every and step % args.ckpt_every == 0) or last:
-                checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        print(f"{PROG}: interrupted at iteration {step}; checkpoint {ckpt_path}", file=sys.stderr)
-        return
-    finally:
-        if bar:
-            bar.close()
-        if writer:
-            writer.close()
+        with StopSignals() as signals:
+            while count["step"] < args.iters and stop is None:
+                meter.add(train_step(nets, batches, count, args), count["step"], args.batch_size)  # step: the one done
+                step, now = count["step"], time.time()
+                stop = "time" if deadline and now >= deadline else ("signal" if signals.received else None)
+                last = step == args.iters or stop is not None
+                shown = ema if ema is not None else generator
+                fid_due = args.fid_every and (step % args.fid_every == 0 or last) and stop != "signal"
+                due = [step % args.log_every == 0 or last, (args.sample_every and step % args.sample_every == 0)
+                       or last, (args.ckpt_every and step % args.ckpt_every == 0) or last or fid_due]
+                if any(due) and meter.bad_step() is not None:
+                    run.close()
+                    kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
+                    fail(f"non-finite loss at iteration {meter.bad_step()}; training stopped, {kept}", code=1)
+                if due[0]:
+                    row = {**meter.record(step, now), "lr": args.lr, "seconds": now - start}
+                    if args.penalty == "clip":
+                        row["clip_fraction"] = clip_fraction(critic, args.clip_value)
+                    run.log(row)
+                if run.bar:
+                    run.bar.update(1)
+                if due[1]:
+                    save_grid(shown, fixed_z, run_dir / "samples" / f"iter_{step:06d}.png")
+                if due[2]:
+                    checkpoint()  # before the FID, so that a failing FID loses nothing
+                if fid_due:
+                    fid = {"iter": step, **fid_of_generator(inception, shown, test_images, args, device)}
+                    run.log(fid)
+                    row.update(fid)
+    except KeyboardInterrupt:  # a second signal: out at once, mid-step, so no checkpoint of this state
+        run.close()
+        print(f"\n{PROG}: stopped at once by a second signal; the last checkpoint is {ckpt_path}", file=sys.stderr)
+        raise SystemExit(130)
+    run.close()
+    if stop == "signal":
+        name = signal.Signals(signals.received).name
+        print(f"{PROG}: {name} after iteration {count['step']}: checkpoint {ckpt_path}; continue with --resume {run_dir}",
+              file=sys.stderr)
+        raise SystemExit(128 + signals.received)  # 130 for Ctrl-C: a `train && next` chain stops here
     save_gif(run_dir / "samples", run_dir / "progress.gif")
     summary = ", ".join(f"{k} {row[k]:.4g}" for k in ("wasserstein", "loss_critic", "fid") if k in row)
-    print(f"{PROG}: {step} generator steps in {time.time() - start:.0f} s; {summary}; run folder {run_dir}")
+    why = f"stopped on time (--max-time {args.max_time:g} s)" if stop == "time" else "done"
+    print(f"{PROG}: {why}: {count['step']} generator steps in {time.time() - start:.0f} s; {summary}; "
+          f"run folder {run_dir}")
     return row
 
 

@@ -15,17 +15,13 @@ Real features are cached in .benchmarks/fid_cache under a name holding the split
 the data path. Inception weights: $WGAN_FID_WEIGHTS or ../shared/models/weights-inception-2015-12-05-6726825d.pth
 (skipped when absent; nothing is downloaded).
 """
-import argparse
-import hashlib
 import importlib
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from fidtools import CACHE_ROOT, Images, fidelity, fish_sets, generate_uint8, load_generator, mnist_sets
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE_ROOT = ROOT / ".benchmarks" / "fid_cache"
 # script -> (checkpoint variable, real data)
 SCRIPTS = {"wgan_gp_64": ("WGAN_GP_64_CKPT", "fish"), "wgan_mnist": ("WGAN_MNIST_CKPT", "mnist"),
            "noise_morph": ("NOISE_MORPH_CKPT", "mnist")}
@@ -34,72 +30,6 @@ FLOORS = {}  # cache name -> floor FID, computed once per session
 
 def fid_n(plan):
     return plan.fid_n  # $WGAN_FID_N, else 20 with --bench-quick, 200 on CPU, 5000 on CUDA (conftest.plan)
-
-
-class Images(torch.utils.data.Dataset):
-    """What torch-fidelity takes: uint8 [3, H, W] items; `load(i)` may read lazily (a cache hit reads nothing)."""
-
-    def __init__(self, count, load):
-        self.count, self.load = count, load
-
-    def __len__(self):
-        return self.count
-
-    def __getitem__(self, i):
-        x = self.load(i)
-        return (x.expand(3, -1, -1) if x.shape[0] == 1 else x).contiguous()
-
-
-def short_key(*parts):
-    return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:12]
-
-
-def mnist_sets(root, n):
-    """(real test subset, another real subset from the train split for the floor, cache name)."""
-    from torchvision.datasets import MNIST
-    if not (Path(root) / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists():
-        pytest.skip(f"MNIST not found under {root} (set WGAN_SHARED)")
-    test, train = MNIST(str(root), train=False).data, MNIST(str(root), train=True).data
-    if n > len(test):
-        pytest.skip(f"WGAN_FID_N={n} is more than the {len(test)} MNIST test images")
-    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n]
-    other = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:n]
-    name = f"bench-mnist-test-28px-n{n}-perm0-{short_key(Path(root).resolve(), n)}"
-    return (Images(len(pick), lambda i: test[pick[i]].unsqueeze(0)),
-            Images(len(other), lambda i: train[other[i]].unsqueeze(0)), name)
-
-
-def fish_sets(folder, n, module, args):
-    """The same for the fish folder, fitted (not augmented) to the generator's size as the script's FID does."""
-    if not Path(folder).is_dir():
-        pytest.skip(f"fish folder not found at {folder} (set WGAN_SHARED)")
-    files = module.find_images(folder)
-    if n > len(files):
-        pytest.skip(f"WGAN_FID_N={n} is more than the {len(files)} images in {folder}")
-    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
-    data = module.ImageFolder(files, args, augment=False)
-    pick, other = order[:n], order[n:2 * n]
-    name = (f"bench-fish-{args.image_size}px-c{args.channels}-{args.fit}-n{n}-perm0-"
-            f"{short_key(Path(folder).resolve(), len(files), args.image_size, args.channels, args.fit, n)}")
-    floor = Images(n, lambda i: data.uint8(other[i])) if len(other) == n else None
-    return Images(n, lambda i: data.uint8(pick[i])), floor, name
-
-
-# ------------------------------------------------------------------------------------------ the generator
-def load_generator(module, path):
-    """Generator(args) from a checkpoint of the script: its args, and the EMA weights where there are some."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the scripts keep numpy RNG state in it
-    args = argparse.Namespace(**{**vars(module.parse_args([])), **ckpt["args"]})
-    if "models" in ckpt:  # noise_morph: [(generator, its optimizer), (critic, ...), (morpher, ...)]
-        state, which = ckpt["models"][0][0], "generator"
-    elif ckpt.get("ema"):
-        state, which = ckpt["ema"], "EMA generator"
-    else:
-        state, which = ckpt["generator"], "generator"
-    generator = module.Generator(args)
-    generator.load_state_dict(state)
-    step = next((ckpt[k] for k in ("iteration", "step", "iter") if k in ckpt), "?")
-    return generator, args, f"{which} of {path} (step {step})"
 
 
 def train_briefly(name, module, tmp_path, shared, plan, iters):
@@ -129,31 +59,6 @@ def train_briefly(name, module, tmp_path, shared, plan, iters):
     return tmp_path / "bench" / "ckpt" / "last.pt"
 
 
-@torch.no_grad()
-def generate_uint8(module, generator, args, n, device):
-    """n generated images as uint8 [n, C, H, W] from a fixed noise stream (the script's noise distribution)."""
-    generator.eval()  # wgan_mnist's generator has BatchNorm: running statistics, as its own FID uses
-    g, out = torch.Generator().manual_seed(12345), []
-    for start in range(0, n, 250):
-        m = min(250, n - start)
-        z = (module.sample_z(m, args.latent_dim, "cpu", g) if hasattr(module, "sample_z")
-             else torch.randn(m, args.latent_dim, generator=g))
-        x = generator(z.to(device)).float().clamp(-1, 1)
-        out.append(((x + 1) * 127.5).round().to(torch.uint8).cpu())
-    return torch.cat(out)
-
-
-def fidelity(fake, real, cache_name, n, plan, weights, fake_cache_name=None):
-    import torch_fidelity
-    cache1 = {"input1_cache_name": fake_cache_name} if fake_cache_name else {}  # the floor's second real set
-    m = torch_fidelity.calculate_metrics(**cache1,
-        input1=fake, input2=real, fid=True, kid=True, kid_subset_size=min(1000, n),
-        feature_extractor_weights_path=str(weights), cuda=plan.device.type == "cuda", batch_size=min(100, n),
-        verbose=False, cache=True, cache_root=str(CACHE_ROOT), input2_cache_name=cache_name,
-        save_cpu_ram=plan.device.type != "cuda")  # no loader worker processes on a shared CPU
-    return m["frechet_inception_distance"], m["kernel_inception_distance_mean"]
-
-
 @pytest.mark.parametrize("name", list(SCRIPTS))
 def test_fid(benchmark, plan, shared_dir, fid_weights, record_fid, tmp_path, name):
     try:
@@ -178,12 +83,12 @@ def test_fid(benchmark, plan, shared_dir, fid_weights, record_fid, tmp_path, nam
     fake = Images(n, lambda i: fake_images[i])
     cached = CACHE_ROOT.is_dir() and any(p.name.startswith(cache_name + "-") for p in CACHE_ROOT.iterdir())
 
-    scores = benchmark.pedantic(fidelity, args=(fake, real, cache_name, n, plan, fid_weights), rounds=1,
+    scores = benchmark.pedantic(fidelity, args=(fake, real, cache_name, n, plan.device.type == "cuda", fid_weights), rounds=1,
                                 iterations=1)
     floor = None
     if not plan.quick and other is not None:  # real vs real at the same n: the best this n can show
         if cache_name not in FLOORS:
-            FLOORS[cache_name] = fidelity(other, real, cache_name, n, plan, fid_weights,
+            FLOORS[cache_name] = fidelity(other, real, cache_name, n, plan.device.type == "cuda", fid_weights,
                                           fake_cache_name=cache_name.replace("bench-", "bench-floor-", 1))[0]
         floor = FLOORS[cache_name]
     fid, kid = scores
@@ -219,3 +124,19 @@ def test_inception_throughput(benchmark, plan, fid_weights, record_fid):
     benchmark.extra_info.update(plan.extra_info(), n=n, batch=min(batch, n), images_per_s=per_s, input="64x64 uint8")
     print(f"Inception: {per_s:.1f} images/s at n = {n}, batch {min(batch, n)}, on {plan.device}")
     record_fid({"images_per_s": per_s, "n": n, "batch": min(batch, n), "device": str(plan.device)})
+
+
+def test_fast_path_equals_calculate_metrics(plan, fid_weights, tmp_path):
+    """fidtools.fidelity (channels_last Inception, own batches and cache) gives calculate_metrics' FID and KID."""
+    import torch_fidelity
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (24, 3, 28, 28), dtype=torch.uint8, generator=g)
+    b = (a.float() * 0.7 + 40).to(torch.uint8)  # a related set: FID well above 0
+    fake, real = Images(24, lambda i: a[i]), Images(24, lambda i: b[i])
+    fid, kid = fidelity(fake, real, None, 24, False, fid_weights)
+    m = torch_fidelity.calculate_metrics(input1=fake, input2=real, fid=True, kid=True, kid_subset_size=24,
+                                         feature_extractor_weights_path=str(fid_weights), cuda=False,
+                                         batch_size=24, save_cpu_ram=True, verbose=False)
+    assert fid > 1
+    assert fid == pytest.approx(m["frechet_inception_distance"], rel=1e-3)
+    assert kid == pytest.approx(m["kernel_inception_distance_mean"], rel=1e-3, abs=1e-5)

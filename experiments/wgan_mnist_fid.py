@@ -1,8 +1,8 @@
 """FID/KID of a wgan_mnist.py checkpoint against the MNIST test split at n images (the script's own FID code),
-and a 64-image grid of it, samples/ckpt_<step>.png (eval mode, z seeded 0): runs stopped by a time limit end
-without a final grid.
+and a 64-image grid of it, samples/ckpt_<step>[_ema].png (eval mode, z seeded 0). The last argument picks the
+training generator (default) or its moving average (`ema`, for runs with --ema).
 
-    PYTHONPATH=. python experiments/wgan_mnist_fid.py runs/<run> 2000 ../shared/models/weights-inception-2015-12-05-6726825d.pth
+    PYTHONPATH=. python experiments/wgan_mnist_fid.py runs/<run> 2000 ../shared/models/weights-inception-2015-12-05-6726825d.pth [ema]
 """
 import json
 import sys
@@ -13,14 +13,16 @@ from torchvision.utils import save_image
 import wgan_mnist as wm
 
 run, n, weights = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+which = sys.argv[4] if len(sys.argv) > 4 else "generator"
 path, ckpt = wm.load_checkpoint(run)
 args = wm.parse_args(wm.as_flags(ckpt["args"], str(path)) + ["--fid-samples", str(n), "--fid-weights", weights,
                                                             "--device", "cpu"])
 generator = wm.Generator(args)
-generator.load_state_dict(ckpt["generator"])
+generator.load_state_dict(ckpt[which])
 generator.eval()
 with torch.no_grad():
     grid = generator(torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(0)))
-save_image(grid * 0.5 + 0.5, path.parent.parent / "samples" / f"ckpt_{ckpt['step']:06d}.png", nrow=8)
+suffix = "_ema" if which == "ema" else ""
+save_image(grid * 0.5 + 0.5, path.parent.parent / "samples" / f"ckpt_{ckpt['step']:06d}{suffix}.png", nrow=8)
 scores = wm.fid_of_generator(generator, wm.load_split(args, train=False), args, torch.device("cpu"))
-print(json.dumps({"run": run, "step": ckpt["step"], **scores}))
+print(json.dumps({"run": run, "step": ckpt["step"], "generator": which, **scores}))

@@ -40,3 +40,32 @@ def fid_weights():
     if not FID_WEIGHTS.exists():
         pytest.skip(f"Inception weights not found at {FID_WEIGHTS}")
     return FID_WEIGHTS
+
+
+def check_max_time(module, argv, run_dir, step_key, capsys, monkeypatch, budget=1.0, step_s=0.3):
+    """--max-time on a script: with every generator step slowed to step_s seconds, main(argv + --max-time) ends
+    after the step that crosses the budget, as at --iters (final checkpoint and grid, summary line), and a
+    resume gets a new budget counted from the resume. Returns the number of steps the first run made."""
+    import json
+    import time
+    original = module.generator_step
+
+    def slow(*a, **k):
+        time.sleep(step_s)
+        return original(*a, **k)
+
+    monkeypatch.setattr(module, "generator_step", slow)
+    module.main(argv + ["--max-time", f"{budget:g}s", "--iters", "1000", "--log-every", "1"])
+    assert f"stopped on time (--max-time {budget:g} s)" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "seconds" in r]
+    assert rows[-1]["seconds"] >= budget > rows[-2]["seconds"], rows  # stopped after the crossing step
+    steps = rows[-1]["iter"]
+    assert 2 <= steps < 1000
+    ckpt = torch.load(run_dir / "ckpt" / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt[step_key] == steps
+    assert (run_dir / "samples" / f"iter_{steps:06d}.png").is_file()
+    module.main(["--resume", str(run_dir), "--max-time", f"{budget:g}"])
+    again = torch.load(run_dir / "ckpt" / "last.pt", map_location="cpu", weights_only=False)[step_key]
+    assert again >= steps + 2, (steps, again)  # the budget restarts at the resume
+    return steps

@@ -2,6 +2,8 @@
 import itertools
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -259,16 +261,11 @@ def test_mnist_run_writes_grid_and_latent_walk(tmp_path, mnist_root):
 
 
 def test_mnist_fid_is_against_the_test_split(tmp_path, mnist_root, fid_weights, monkeypatch):
-    # 10 generated vs 10 real images: checks the plumbing and which images are the reference, not a real FID
+    """The reference images are wgan_mnist.py's test subset; the numbers are torch-fidelity's calculate_metrics'."""
     import torch_fidelity
     import torchvision
-    real_fidelity, seen = torch_fidelity.calculate_metrics, []
-
-    def spy(**kw):
-        seen.append(torch.stack([kw["input2"][i] for i in range(len(kw["input2"]))]))
-        return real_fidelity(**kw)
-
-    monkeypatch.setattr(torch_fidelity, "calculate_metrics", spy)
+    real_features, seen = nm.inception_features, []
+    monkeypatch.setattr(nm, "inception_features", lambda net, x, d: seen.append(nm.to_uint8(x)) or real_features(net, x, d))
     run(tmp_path, "--dataset", "mnist", "--data", str(mnist_root), "--width", "4", "--latent-dim", "8",
         "--batch-size", "8", "--eval-samples", "16", "--iters", "2", "--critic-its", "1", "--morph-its", "1",
         "--fid-every", "2", "--fid-samples", "10", "--fid-weights", str(fid_weights), "--run-name", "f")
@@ -276,7 +273,24 @@ def test_mnist_fid_is_against_the_test_split(tmp_path, mnist_root, fid_weights, 
     assert row["fid_n"] == 10 and row["fid"] > 0 and row["kid"] == row["kid"]
     test = torchvision.datasets.MNIST(str(mnist_root), train=False).data
     expected = test[torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:10]]
-    assert torch.equal(seen[0], expected[:, None].expand(-1, 3, -1, -1))  # the same subset wgan_mnist.py uses
+    fake, real = seen
+    assert torch.equal(real[:, 0], expected)  # the same subset wgan_mnist.py uses
+
+    class RGB(torch.utils.data.Dataset):
+        def __init__(self, x):
+            self.x = x.expand(-1, 3, -1, -1)
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i]
+
+    ref = torch_fidelity.calculate_metrics(input1=RGB(fake), input2=RGB(real), fid=True, kid=True, kid_subset_size=10,
+                                           feature_extractor_weights_path=str(fid_weights), cuda=False,
+                                           save_cpu_ram=True, verbose=False)
+    assert row["fid"] == pytest.approx(ref["frechet_inception_distance"], rel=1e-3)
+    assert row["kid"] == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-3, abs=1e-5)
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -353,15 +367,107 @@ def test_nan_loss_stops_with_exit_1_naming_the_iteration(tmp_path, monkeypatch, 
     assert torch.load(tmp_path / "n" / "ckpt" / "last.pt", weights_only=False)["iter"] == 1
 
 
-def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(tmp_path, monkeypatch):
-    real_step, calls = nm.generator_step, []
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_after_the_step_and_resume_is_bit_exact(tmp_path, monkeypatch, capsys, sig, code):
+    common = ["--iters", "6", "--torch-deterministic", "--seed", "7", "--sample-every", "0", "--critic-its", "2",
+              "--morph-its", "2"]
+    straight = run(tmp_path, *common, "--run-name", "straight")
+    real_step, calls = nm.morph_step, []
 
-    def interrupted(*a, **k):
+    def signalled(*a, **k):
         calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
+        if len(calls) == 5:  # the first morpher step of iteration 3
+            os.kill(os.getpid(), sig)
         return real_step(*a, **k)
 
-    monkeypatch.setattr(nm, "generator_step", interrupted)
-    run_dir = run(tmp_path, "--iters", "10", "--sample-every", "0", "--run-name", "c")
-    assert torch.load(f"{run_dir}/ckpt/last.pt", weights_only=False)["iter"] == 2
+    monkeypatch.setattr(nm, "morph_step", signalled)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, *common, "--run-name", "split")
+    assert e.value.code == code and "after iteration 3" in capsys.readouterr().err
+    assert torch.load(tmp_path / "split" / "ckpt" / "last.pt", weights_only=False)["iter"] == 3
+    monkeypatch.setattr(nm, "morph_step", real_step)
+    nm.main(["--resume", str(tmp_path / "split")])
+    a = torch.load(f"{straight}/ckpt/last.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "ckpt" / "last.pt", weights_only=False)
+    torch.use_deterministic_algorithms(False)
+    assert b["iter"] == 6
+    for (sa, _), (sb, _) in zip(a["models"], b["models"]):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_reusing_a_run_name_is_refused_and_lr_on_resume_is_in_force(tmp_path, capsys):
+    run_dir = run(tmp_path, "--iters", "1", "--critic-its", "1", "--morph-its", "1", "--run-name", "u")
+    before = open(f"{run_dir}/metrics.jsonl").read()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--iters", "1", "--run-name", "u")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--resume" in err and err.count("\n") == 1
+    assert open(f"{run_dir}/metrics.jsonl").read() == before
+    nm.main(["--resume", run_dir, "--iters", "2", "--lr", "3e-4"])
+    ckpt = torch.load(f"{run_dir}/ckpt/last.pt", weights_only=False)
+    assert {g["lr"] for _, opt in ckpt["models"] for g in opt["param_groups"]} == {3e-4}
+    assert json.loads(open(f"{run_dir}/metrics.jsonl").read().splitlines()[-1])["lr"] == 3e-4
+
+
+@pytest.mark.parametrize("values, needle", [({"dataset": "cifar"}, "--dataset"), ({"batch_size": 4.5}, "--batch-size"),
+                                            ({"device": "gpu"}, "--device"), ({"morph_bound": 2}, "--morph-bound")])
+def test_config_values_get_the_flags_checks(tmp_path, capsys, values, needle):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(values))
+    with pytest.raises(SystemExit) as e:
+        nm.parse_args(["--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and needle in err, err
+
+
+def test_failures_found_at_start_and_clear_lines(tmp_path, capsys, monkeypatch):
+    not_weights = tmp_path / "w.pth"
+    torch.save({"x": torch.zeros(1)}, not_weights)
+    other = tmp_path / "other.pt"
+    torch.save({"generator": {}, "iteration": 1, "args": {"fit": "crop"}}, other)
+    (tmp_path / "file").write_text("x")
+    cases = [(["--dataset", "mnist", "--fid-every", "1", "--fid-weights", str(tmp_path / "none.pth")], "--fid-weights"),
+             (["--dataset", "mnist", "--fid-every", "1", "--fid-weights", str(not_weights)], "--fid-weights"),
+             (["--resume", str(other)], "not a checkpoint of noise_morph.py"),
+             (["--out", str(tmp_path / "file" / "runs")], "--out"), (["--out", "/proc/nope"], "--out")]
+    for argv, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            nm.main(TINY + ["--iters", "1"] + (["--out", str(tmp_path)] if "--out" not in argv else []) + argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and needle in err, (argv, err)
+    assert nm.parse_args([]).fid_weights is None  # a copied script must not point into this repository
+
+    def nan_step(*a, **k):
+        out = real_step(*a, **k)
+        out["loss_critic"] = out["loss_critic"] * float("nan")
+        return out
+
+    real_step = nm.critic_step
+    monkeypatch.setattr(nm, "critic_step", nan_step)
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--iters", "3", "--log-every", "1", "--run-name", "nan")
+    assert "no checkpoint was written" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- time budget and lazy penalty
+
+def test_max_time_ends_like_iters_and_resume_gets_a_new_budget(tmp_path, monkeypatch, capsys):
+    from conftest import check_max_time
+    argv = TINY + ["--out", str(tmp_path), "--device", "cpu", "--run-name", "t", "--critic-its", "1",
+                   "--morph-its", "1", "--sample-every", "0"]
+    check_max_time(nm, argv, tmp_path / "t", "iter", capsys, monkeypatch)
+    assert (tmp_path / "t" / "critic_contour.png").is_file()
+
+
+@pytest.mark.parametrize("every, paid", [(1, 6), (3, 2), (4, 2)])
+def test_gp_every_pays_the_penalty_on_every_kth_critic_step(tmp_path, monkeypatch, every, paid):
+    calls, original = [], nm.gradient_penalty
+    monkeypatch.setattr(nm, "gradient_penalty", lambda *a: calls.append(1) or original(*a))
+    run(tmp_path, "--iters", "3", "--critic-its", "2", "--morph-its", "1", "--gp-every", str(every),
+        "--sample-every", "0", "--run-name", "k")
+    assert len(calls) == paid  # critic steps 0..5; paid at 0, K, 2K, ...
+    args = tiny_args("--gp-every", str(every))
+    generator, critic, _ = models(args)
+    out = nm.critic_step(generator, critic, adam(critic), nm.sample_toy("8gaussians", 32), args)
+    assert torch.allclose(out["loss_critic"], -out["wasserstein"] + args.gp_lambda * every * out["gp"])

@@ -1,6 +1,9 @@
 """Tests for wgan_mnist.py (CPU, tiny sizes). Tiny IDX files in torchvision's layout stand in for MNIST
 where the real data is not the point; one test trains briefly on the real ../shared/data/MNIST."""
 import json
+import math
+import os
+import signal
 import struct
 
 import pytest
@@ -57,12 +60,12 @@ def fake_batch(n=4, seed=0):
 def test_every_critic_step_clips_critic_only(tiny_root, tmp_path, monkeypatch):
     c, original, seen = 0.01, wm.critic_step, []
 
-    def checked(generator, critic, opt, real, args):
+    def checked(generator, critic, opt, real, args, *rest):
         if not seen:  # make the clip do work: push critic weights far outside [-c, c]
             with torch.no_grad():
                 for p in critic.parameters():
                     p.normal_(0, 1)
-        out = original(generator, critic, opt, real, args)
+        out = original(generator, critic, opt, real, args, *rest)
         seen.append(max(p.abs().max().item() for p in critic.parameters()))
         checked.generator = generator
         return out
@@ -200,8 +203,9 @@ def test_short_mnist_run_wasserstein_rises(mnist_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------------- resume and files
-def test_resume_is_bit_exact(tiny_root, tmp_path):
-    base = ["--torch-deterministic", "--critic-its", "2"]
+@pytest.mark.parametrize("extra", [[], ["--penalty", "gp", "--gp-every", "3", "--ema", "0.9"]])
+def test_resume_is_bit_exact(tiny_root, tmp_path, extra):
+    base = ["--torch-deterministic", "--critic-its", "2", *extra]
     wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "6", *base, name="straight"))
     wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "3", *base, name="split"))
     wm.main(["--resume", str(tmp_path / "runs" / "split"), "--iters", "6"])  # folder form, args from ckpt
@@ -209,20 +213,20 @@ def test_resume_is_bit_exact(tiny_root, tmp_path):
     b = torch.load(tmp_path / "runs" / "split" / "ckpt" / "last.pt", weights_only=False)
     torch.use_deterministic_algorithms(False)
     assert a["step"] == b["step"] == 6
-    for net in ("generator", "critic"):
+    for net in ("generator", "critic") + (("ema",) if extra else ()):
         for key in a[net]:
             assert torch.equal(a[net][key], b[net][key]), (net, key)
 
 
-def test_resume_of_a_checkpoint_from_before_critic_norm(tiny_root, tmp_path):
-    """Such checkpoints have no critic_norm in their args and a critic without BatchNorm."""
-    wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "1", "--critic-its", "1", "--critic-norm", "none"))
+def test_resume_of_a_checkpoint_from_an_earlier_version_is_one_line(tiny_root, tmp_path, capsys):
+    """Checkpoints from before --g-width (other nets, no such setting) are refused in one line, not a traceback."""
+    wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "1", "--critic-its", "1", "--g-width", "8"))
     path = tmp_path / "runs" / "r" / "ckpt" / "last.pt"
     ckpt = torch.load(path, weights_only=False)
-    del ckpt["args"]["critic_norm"]
+    del ckpt["args"]["g_width"]
     torch.save(ckpt, path)
-    wm.main(["--resume", str(path), "--iters", "2"])
-    assert torch.load(path, weights_only=False)["step"] == 2
+    capsys.readouterr()
+    assert_one_line_error(capsys, ["--resume", str(path)], "earlier version")
 
 
 def test_run_folder_contents(tiny_root, tmp_path):
@@ -239,19 +243,35 @@ def test_run_folder_contents(tiny_root, tmp_path):
     assert (run / "ckpt" / "last.pt").is_file() and (run / "progress.gif").is_file()
 
 
-def test_fashion_mnist_and_ctrl_c_checkpoint(tiny_root, tmp_path, monkeypatch, capsys):
-    original, calls = wm.generator_step, [0]
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_after_the_step_and_resume_is_bit_exact(tiny_root, tmp_path, monkeypatch, capsys, sig, code):
+    """Ctrl-C (or SIGTERM) mid-step: the step finishes, its state is checkpointed, the exit code says so, and
+    resuming gives the weights of a straight run bit for bit."""
+    base = ["--torch-deterministic", "--critic-its", "2", "--dataset", "fashion-mnist", "--iters", "6"]
+    wm.main(tiny_argv(tiny_root, tmp_path, *base, name="straight"))
+    original, calls = wm.critic_step, [0]
 
-    def interrupted(*a):
+    def signalled(*a):
         calls[0] += 1
-        if calls[0] == 3:
-            raise KeyboardInterrupt
+        if calls[0] == 5:  # the first critic step of generator step 3
+            os.kill(os.getpid(), sig)
         return original(*a)
 
-    monkeypatch.setattr(wm, "generator_step", interrupted)
-    wm.main(tiny_argv(tiny_root, tmp_path, "--dataset", "fashion-mnist", "--iters", "5", "--critic-its", "1"))
-    assert "interrupted at iteration 2" in capsys.readouterr().err
-    assert torch.load(tmp_path / "runs" / "r" / "ckpt" / "last.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(wm, "critic_step", signalled)
+    with pytest.raises(SystemExit) as e:
+        wm.main(tiny_argv(tiny_root, tmp_path, *base, name="split"))
+    assert e.value.code == code
+    assert "after iteration 3" in capsys.readouterr().err
+    split = tmp_path / "runs" / "split"
+    assert torch.load(split / "ckpt" / "last.pt", weights_only=False)["step"] == 3
+    monkeypatch.setattr(wm, "critic_step", original)
+    wm.main(["--resume", str(split)])
+    a = torch.load(tmp_path / "runs" / "straight" / "ckpt" / "last.pt", weights_only=False)
+    b = torch.load(split / "ckpt" / "last.pt", weights_only=False)
+    torch.use_deterministic_algorithms(False)
+    assert b["step"] == 6
+    for net in ("generator", "critic"):
+        assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
 
 
 def test_fid_is_logged(tiny_root, tmp_path, fid_weights):
@@ -262,20 +282,62 @@ def test_fid_is_logged(tiny_root, tmp_path, fid_weights):
     assert row["fid_n"] == 10 and row["fid"] > 0 and "kid" in row
 
 
+def test_fid_equals_torch_fidelity_calculate_metrics(tiny_root, tmp_path, fid_weights):
+    """The script's faster FID path (channels_last Inception, own batches and cache) gives calculate_metrics'
+    numbers; a second call reads the cached test features and gives the same."""
+    import torch_fidelity
+    args = wm.parse_args(["--data", str(tiny_root), "--out", str(tmp_path), "--fid-weights", str(fid_weights)])
+    test = wm.load_split(args, train=False)
+    fake = torch.rand(16, 28, 28, generator=torch.Generator().manual_seed(3)).mul(255).to(torch.uint8)
+    inception = wm.load_inception(args, torch.device("cpu"))
+    got = wm.fid_vs_test(inception, fake, test, args, torch.device("cpu"))
+
+    class RGB(torch.utils.data.Dataset):  # what calculate_metrics takes: uint8 [3, H, W] items
+        def __init__(self, x):
+            self.x = x.reshape(-1, 1, 28, 28).expand(-1, 3, -1, -1)
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i]
+
+    ref = torch_fidelity.calculate_metrics(input1=RGB(fake), input2=RGB(wm.subset(test, 16, 0)), fid=True,
+                                           kid=True, kid_subset_size=16, feature_extractor_weights_path=str(fid_weights),
+                                           cuda=False, save_cpu_ram=True, verbose=False)
+    assert got["fid"] > 1 and got["fid_n"] == 16
+    assert got["fid"] == pytest.approx(ref["frechet_inception_distance"], rel=1e-3)
+    assert got["kid"] == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-3, abs=1e-5)
+    assert wm.fid_vs_test(inception, fake, test, args, torch.device("cpu")) == got
+
+
 def test_config_file_and_flags_win(tiny_root, tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"critic-its": 3, "batch_size": 16, "penalty": "gp", "run_name": "ignored"}))
-    args, _ = wm.build_args(["--config", str(cfg), "--critic-its", "2"])
+    args = wm.parse_args(["--config", str(cfg), "--critic-its", "2"])
     got = (args.critic_its, args.batch_size, args.penalty, args.optimizer, args.run_name)
     assert got == (2, 16, "gp", "adam", None)
     wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "1", "--critic-warmup"))
     saved = tmp_path / "runs" / "r" / "args.json"  # a run's args.json works as a config
-    args, _ = wm.build_args(["--config", str(saved), "--iters", "7"])
+    args = wm.parse_args(["--config", str(saved), "--iters", "7"])
     assert (args.iters, args.critic_warmup, args.batch_size) == (7, True, 8)
     cfg.write_text(json.dumps({"no-such-flag": 1}))
     with pytest.raises(SystemExit) as e:
-        wm.build_args(["--config", str(cfg)])
+        wm.parse_args(["--config", str(cfg)])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("values, flag", [({"batch_size": 4.5}, "--batch-size"), ({"penalty": "wgan"}, "--penalty"),
+                                          ({"device": "gpu"}, "--device"), ({"critic_its": 0}, "--critic-its"),
+                                          ({"max_time": "1 week"}, "--max-time"), ({"gp_every": "2x"}, "--gp-every")])
+def test_config_values_get_the_flags_checks(tmp_path, capsys, values, flag):
+    """Config values reach argparse as tokens: types, choices and checks apply to them as to flags."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(values))
+    with pytest.raises(SystemExit) as e:
+        wm.parse_args(["--config", str(cfg)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and flag in err, err
 
 
 # --------------------------------------------------------------------------------------------- failure
@@ -335,3 +397,135 @@ def test_nan_stops_run_and_keeps_good_checkpoint(tiny_root, tmp_path, monkeypatc
     ckpt = torch.load(tmp_path / "runs" / "r" / "ckpt" / "last.pt", weights_only=False)
     assert ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["critic"].values())
+
+
+# ------------------------------------------------------------------------------------- time budget
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("2.5", 2.5), ("30m", 1800), ("2h", 7200),
+                                           ("1.5h", 5400)])
+def test_max_time_units(text, seconds):
+    assert wm.parse_args(["--max-time", text]).max_time == seconds
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "abc", "5d", "", "1e3"])
+def test_bad_max_time(tmp_path, capsys, text):
+    assert_one_line_error(capsys, ["--max-time", text, "--out", str(tmp_path)], "--max-time")
+
+
+def test_max_time_ends_like_iters_and_resume_gets_a_new_budget(tiny_root, tmp_path, monkeypatch, capsys):
+    from conftest import check_max_time
+    run = tmp_path / "runs" / "r"
+    check_max_time(wm, tiny_argv(tiny_root, tmp_path, "--critic-its", "1"), run, "step", capsys, monkeypatch)
+    assert (run / "progress.gif").is_file()
+
+
+@pytest.mark.parametrize("every, paid", [(1, 6), (3, 2), (4, 2)])
+def test_gp_every_pays_the_penalty_on_every_kth_critic_step(tiny_root, tmp_path, monkeypatch, every, paid):
+    calls, original = [], wm.gradient_penalty
+    monkeypatch.setattr(wm, "gradient_penalty", lambda *a: calls.append(1) or original(*a))
+    wm.main(tiny_argv(tiny_root, tmp_path, "--penalty", "gp", "--gp-every", str(every), "--critic-its", "2",
+                      "--iters", "3"))
+    assert len(calls) == paid  # critic steps 0..5; paid at 0, K, 2K, ...
+
+
+def test_lazy_penalty_is_weighted_lambda_times_k():
+    args = wm.parse_args(["--penalty", "gp", "--gp-every", "4", "--batch-size", "4", "--latent-dim", "8"])
+    gen, critic = wm.Generator(args), wm.Critic(args)
+    opt = wm.make_optimizers(gen, critic, args)[1]
+    paid = wm.critic_step(gen, critic, opt, fake_batch(), args, penalize=True)
+    assert torch.allclose(paid["loss_critic"], -paid["wasserstein"] + 40 * paid["gp"])
+    free = wm.critic_step(gen, critic, opt, fake_batch(), args, penalize=False)
+    assert "gp" not in free and torch.allclose(free["loss_critic"], -free["wasserstein"])
+
+
+# ------------------------------------------------------------------------------ nothing lost, nothing silent
+def test_reusing_a_run_name_is_refused(tiny_root, tmp_path, capsys):
+    wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "1", "--critic-its", "1"))
+    before = (tmp_path / "runs" / "r" / "ckpt" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert_one_line_error(capsys, tiny_argv(tiny_root, tmp_path, "--iters", "1"), "--resume", "--run-name")
+    assert (tmp_path / "runs" / "r" / "ckpt" / "last.pt").read_bytes() == before
+
+
+def test_lr_given_on_resume_is_in_force(tiny_root, tmp_path):
+    wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "1", "--critic-its", "1"))
+    wm.main(["--resume", str(tmp_path / "runs" / "r"), "--iters", "2", "--lr", "3e-4"])
+    ckpt = torch.load(tmp_path / "runs" / "r" / "ckpt" / "last.pt", weights_only=False)
+    assert {g["lr"] for key in ("opt_generator", "opt_critic") for g in ckpt[key]["param_groups"]} == {3e-4}
+    assert read_metrics(tmp_path / "runs" / "r")[-1]["lr"] == 3e-4 and ckpt["args"]["lr"] == 3e-4
+
+
+@pytest.mark.parametrize("weights", ["missing", "not-inception"])
+def test_bad_fid_weights_stop_before_training(tiny_root, tmp_path, capsys, weights):
+    path = tmp_path / "w.pth"
+    if weights == "not-inception":
+        torch.save({"conv.weight": torch.zeros(3)}, path)
+    assert_one_line_error(capsys, tiny_argv(tiny_root, tmp_path, "--iters", "5", "--fid-every", "5",
+                                            "--fid-weights", str(path)), "--fid-weights")
+    assert not (tmp_path / "runs" / "r").exists()  # stopped before the run folder, not at the first FID
+
+
+def test_fid_at_its_own_steps_after_a_checkpoint(tiny_root, tmp_path, fid_weights):
+    wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "6", "--critic-its", "1", "--log-every", "5",
+                      "--fid-every", "2", "--fid-samples", "8", "--fid-weights", str(fid_weights)))
+    assert [r["iter"] for r in read_metrics(tmp_path / "runs" / "r") if "fid" in r] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("out", ["/proc/nope", "file"])
+def test_unwritable_out_is_one_line(tiny_root, tmp_path, capsys, out):
+    if out == "file":
+        (tmp_path / "file").write_text("x")
+        out = str(tmp_path / "file" / "runs")
+    argv = tiny_argv(tiny_root, tmp_path, "--iters", "1")
+    argv[argv.index("--out") + 1] = out
+    assert_one_line_error(capsys, argv, "--out")
+
+
+def test_unclear_cases_get_clear_lines(tiny_root, tmp_path, capsys):
+    other = tmp_path / "other.pt"
+    torch.save({"generator": {}, "critic": {}, "iteration": 3, "args": {"fit": "crop", "data": "x"}}, other)
+    assert_one_line_error(capsys, ["--resume", str(other)], "not a checkpoint of wgan_mnist.py")
+    raw = tiny_root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    raw.write_bytes(raw.read_bytes()[:1000])
+    assert_one_line_error(capsys, tiny_argv(tiny_root, tmp_path, "--iters", "1"), "truncated", str(raw.parent))
+
+
+# ------------------------------------------------------------------------------ GPU code paths, on a CPU
+def test_bf16_penalty_gradient_matches_float32():
+    args = wm.parse_args(["--penalty", "gp", "--batch-size", "8"])
+    torch.manual_seed(0)
+    critic, real, fake = wm.Critic(args), fake_batch(8, 1), fake_batch(8, 2)
+    grads = {}
+    for amp in (False, True):
+        args.amp = amp
+        torch.manual_seed(5)  # the same alpha
+        with wm.autocast(args, real.device):
+            gp = wm.gradient_penalty(critic, real, fake)
+        weights = [p for p in critic.parameters() if p.dim() > 1]  # biases do not move the input gradient
+        grads[amp] = (gp.detach().float(), torch.autograd.grad(gp, weights))
+    assert grads[True][0].dtype == torch.float32 and grads[True][0] == pytest.approx(grads[False][0].item(), rel=0.05)
+    for a, b in zip(grads[False][1], grads[True][1]):
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.98
+
+
+def test_channels_last_and_fused_adam_give_the_same_step():
+    """main's CUDA choices (channels_last nets and inputs, fused Adam) run on a CPU and change nothing but speed."""
+    args = wm.parse_args(["--penalty", "gp", "--batch-size", "8"])
+    results = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        gen, critic = wm.Generator(args), wm.Critic(args)
+        real = fake_batch(8)
+        if fast:
+            gen, critic = gen.to(memory_format=torch.channels_last), critic.to(memory_format=torch.channels_last)
+            real = real.contiguous(memory_format=torch.channels_last)
+        opt_g, opt_c = wm.make_optimizers(gen, critic, args, fused=fast)
+        torch.manual_seed(1)
+        wm.critic_step(gen, critic, opt_c, real, args)
+        wm.generator_step(gen, critic, opt_g, args)
+        results.append([p.detach().clone() for p in [*gen.parameters(), *critic.parameters()]])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*results))
+
+
+def test_amp_trains_on_a_cpu(tiny_root, tmp_path):
+    wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "2", "--critic-its", "1", "--penalty", "gp", "--amp"))
+    assert all(math.isfinite(r["loss_critic"]) for r in read_metrics(tmp_path / "runs" / "r"))
