@@ -78,7 +78,8 @@ except KeyboardInterrupt:  # Ctrl-C while torch loads: no traceback
 
 SCRIPT = "noise_morph.py"
 TOY = ("8gaussians", "25gaussians", "swissroll")
-DEFAULTS = {**{name: (512, 0.1, 2, 256) for name in TOY}, "mnist": (64, 10.0, 128, 64)}  # width, lambda, d, batch
+# per dataset: width, lambda, latent dim, batch, lr, gp-every
+DEFAULTS = {**{name: (512, 0.1, 2, 256, 1e-4, 1) for name in TOY}, "mnist": (16, 10.0, 128, 64, 8e-4, 2)}
 COVER_SHARE = 0.2
 NOT_FROM_FILES = ("config", "resume", "run_name")  # said on the command line only
 
@@ -110,16 +111,17 @@ def build_parser():
     a("--download", action="store_true", help="download MNIST into --data when it is missing")
     a("--batch-size", type=int, default=None, help="batch size (None: 256 toy, 64 mnist)")
     a("--latent-dim", type=int, default=None, help="d of z ~ U(-1,1)^d (None: 2 toy, 128 mnist)")
-    a("--width", type=int, default=None, help="toy MLP width / mnist base channels (None: 512 toy, 64 mnist)")
+    a("--width", type=int, default=None, help="toy MLP width / mnist base channels (None: 512 toy, 16 mnist)")
     a("--gp-lambda", type=float, default=None, help="gradient penalty weight (None: 0.1 toy, 10 mnist)")
-    a("--gp-every", type=int, default=1,
-      help="lazy penalty: only every K-th critic step pays the penalty, weighted lambda * K")
+    a("--gp-every", type=int, default=None,
+      help="lazy penalty: only every K-th critic step pays the penalty, weighted lambda * K (None: 1 toy, 2 mnist)")
     a("--iters", type=int, default=5000, help="generator steps")
     a("--max-time", type=duration, default=None,
       help="wall-clock budget (seconds, or 90s, 30m, 2h): training ends after the step that crosses it")
     a("--critic-its", type=int, default=5, help="critic steps per generator step")
     a("--morph-its", type=int, default=5, help="morpher steps per generator step")
-    a("--lr", type=float, default=1e-4, help="Adam lr (betas 0.5, 0.9) of generator, critic and morpher")
+    a("--lr", type=float, default=None,
+      help="Adam lr (betas 0.5, 0.9) of generator, critic and morpher (None: 1e-4 toy, 8e-4 mnist)")
     a("--morph-width", type=int, default=128, help="hidden width of the morpher MLP")
     a("--morph-scale", type=float, default=1.0, help="s: step = clamp(s*softsign(MLP(z)), -b, b) * (1-|z|)")
     a("--morph-bound", type=float, default=1.0, help="b in (0, 1]: cap on the step as a share of the wall distance")
@@ -178,6 +180,8 @@ def as_flags(values, source, parser):
         if action.dest in NOT_FROM_FILES or value is None:
             continue
         if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                fail(f"{source}: {action.option_strings[0]} takes true or false, got {value!r}")
             tokens += [action.option_strings[0]] if value else []
         else:
             tokens += [action.option_strings[0], str(value)]
@@ -199,7 +203,7 @@ def parse_args(argv=None):
         resume = args.resume
         args = parser.parse_args(tokens + argv)
         args.resume = resume
-    for name, value in zip(("width", "gp_lambda", "latent_dim", "batch_size"), DEFAULTS[args.dataset]):
+    for name, value in zip(("width", "gp_lambda", "latent_dim", "batch_size", "lr", "gp_every"), DEFAULTS[args.dataset]):
         if getattr(args, name) is None:
             setattr(args, name, value)
     checks = [
@@ -298,10 +302,11 @@ class Generator(nn.Module):
         d, w = args.latent_dim, args.width
         if args.dataset in TOY:
             self.net = mlp([d, w, w, w, 2])
-        else:  # 7x7 -> 14x14 -> 28x28
+        else:  # wgan_mnist.py's generator: 7x7x4w -> 14x14x2w -> 28x28x1, BatchNorm + ReLU between, tanh
             self.net = nn.Sequential(
-                nn.Linear(d, 2 * w * 49), nn.ReLU(), nn.Unflatten(1, (2 * w, 7, 7)),
-                nn.ConvTranspose2d(2 * w, w, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(w, 1, 4, 2, 1), nn.Tanh())
+                nn.Linear(d, 7 * 7 * 4 * w, bias=False), nn.Unflatten(1, (4 * w, 7, 7)), nn.BatchNorm2d(4 * w),
+                nn.ReLU(), nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
+                nn.ConvTranspose2d(2 * w, 1, 4, 2, 1), nn.Tanh())
 
     def forward(self, z):
         return self.net(z)
@@ -313,10 +318,10 @@ class Critic(nn.Module):
         w = args.width
         if args.dataset in TOY:
             self.net = mlp([2, w, w, w, 1])
-        else:  # no BatchNorm: the penalty is per sample
-            self.net = nn.Sequential(
-                nn.Conv2d(1, w, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(w, 2 * w, 4, 2, 1), nn.LeakyReLU(0.2),
-                nn.Flatten(), nn.Linear(2 * w * 49, 1))
+        else:  # wgan_mnist.py's gp critic: 14x14xw -> 7x7x2w -> 4x4x4w -> 1, no BatchNorm (per-sample penalty)
+            act = nn.LeakyReLU(0.2)
+            self.net = nn.Sequential(nn.Conv2d(1, w, 4, 2, 1), act, nn.Conv2d(w, 2 * w, 4, 2, 1), act,
+                                     nn.Conv2d(2 * w, 4 * w, 3, 2, 1), act, nn.Flatten(), nn.Linear(4 * w * 16, 1))
 
     def forward(self, x):
         return self.net(x).squeeze(1)
@@ -358,6 +363,17 @@ def frozen(*modules):
     finally:
         for p in params:
             p.requires_grad_(True)
+
+
+@contextmanager
+def eval_mode(module):
+    """Metrics, plots and FID see the generator as sampling does: BatchNorm with its running statistics."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def critic_step(generator, critic, opt_critic, real, args, penalize=True):
@@ -768,18 +784,22 @@ def main(argv=None):
                     kept = f"the last good checkpoint is {ckpt}" if os.path.exists(ckpt) else "no checkpoint was written"
                     fail(f"non-finite loss at iteration {int(bad)}; training stopped, {kept}", code=1)
                 if log:
+                    with eval_mode(generator):
+                        scores = evaluate(generator, critic, nets.use_morph, fixed_z, args)
                     record = {"iter": it, **{k: v.item() for k, v in nets.stats.items()}, "lr": args.lr,
                               "images_per_s": (it - it_last) * args.batch_size * args.critic_its / max(now - t_last, 1e-9),
-                              "seconds": now - t_start, **evaluate(generator, critic, nets.use_morph, fixed_z, args)}
+                              "seconds": now - t_start, **scores}
                     t_last, it_last = now, it
                     history.append(record)
                     run.log(record)
                 if sample:
-                    write_plots(run_dir, it, history, generator, critic, nets.use_morph, fixed_z, real_ref)
+                    with eval_mode(generator):
+                        write_plots(run_dir, it, history, generator, critic, nets.use_morph, fixed_z, real_ref)
                 if save:
                     checkpoint(it)  # before the FID, so that a failing FID loses nothing
                 if fid:
-                    history[-1].update(compute_fid(inception, generator, test_images, args, device, args.out))
+                    with eval_mode(generator):
+                        history[-1].update(compute_fid(inception, generator, test_images, args, device, args.out))
                     run.log({"iter": it, **{k: history[-1][k] for k in ("fid", "kid", "fid_n")}})
                     checkpoint(it)
                 if stop:

@@ -23,8 +23,10 @@ Where this departs from the paper or the seed notebook:
 - The EMA decay warms up as min(0.999, (1 + t) / (10 + t)) (TensorFlow's ExponentialMovingAverage rule): with a
   constant 0.999 the average is still 37% the random initial weights after 1,000 steps, so early samples and FIDs
   would show noise. From step ~9,000 on it is the seed's 0.999; `--no-ema-warmup` gives the constant decay.
-- Keras' `zoom_range=[0.95, 1.2]` divides coordinates, so images are scaled by 1/1.2 .. 1/0.95 here; its
-  `fill_mode='nearest'` is reproduced by edge-padding before the affine transform and cropping after it.
+- Keras' `zoom_range=[0.95, 1.2]` divides coordinates, so images are scaled by 1/1.2 .. 1/0.95 here, but with
+  ONE factor for both axes (torchvision's RandomAffine): Keras draws the x and y zooms independently, so its
+  aspect ratio varies and ours does not. Its `fill_mode='nearest'` is reproduced by edge-padding before the
+  affine transform and cropping after it.
 - Real and fake images go through the critic in one forward pass (2N images); minibatch stddev is computed over
   each half apart, so it never mixes real with fake; the result equals two separate passes.
 - An "epoch" of the learning-rate schedule is one pass of the critic over the data set (each critic step draws
@@ -42,24 +44,31 @@ import math
 import os
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image
-from torchvision.transforms import v2
-from torchvision.utils import save_image
+try:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from PIL import Image
+    from torchvision.transforms import v2
+    from torchvision.utils import save_image
+except KeyboardInterrupt:  # Ctrl-C while torch loads: no traceback
+    print("wgan_gp_64.py: interrupted while starting", file=sys.stderr)
+    raise SystemExit(130)
 
 SCRIPT = Path(__file__).name
 IMAGE_SIZES = (32, 64, 128, 256)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 SEED_SCHEDULE = "100:1e-4,300:5e-5,400:rand(2e-5,6e-5),300:2.5e-5,1400:2e-5"
-NOT_FROM_CONFIG = {"config", "resume", "run_name", "sample", "sample_out"}
+LOGGED = ("loss_critic", "wasserstein", "gp", "drift", "loss_gen")
+NOT_FROM_FILES = {"config", "resume", "run_name", "sample", "sample_out"}  # said on the command line only
 
 
 def fail(message, code=2):
@@ -70,6 +79,14 @@ def fail(message, code=2):
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block
         fail(message)
+
+
+def duration(text):
+    """--max-time: seconds, or a number with s, m or h ('90s', '30m', '2h')."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", str(text))
+    if not m or float(m[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a time budget; give seconds or e.g. 90s, 30m, 2h")
+    return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]]
 
 
 def build_parser():
@@ -88,12 +105,16 @@ def build_parser():
     a("--mbstd-group", type=int, default=4, help="minibatch-stddev group size (min(group, batch) is used; 1 = a constant channel, i.e. off)")
     a("--equalized-lr", action="store_true", help="N(0,1) weights scaled at run time by sqrt(2/fan_in)")
     a("--iters", type=int, default=100_000, help="generator steps")
+    a("--max-time", type=duration, help="wall-clock budget (seconds, or 90s, 30m, 2h): training ends after the "
+      "step that crosses it")
     a("--batch-size", type=int, default=32, help="images per critic step (per process under torchrun)")
     a("--critic-its", type=int, default=5, help="critic steps per generator step, each on a fresh batch")
     a("--lr", type=float, default=1e-4, help="learning rate of both networks when no schedule is given")
     a("--lr-schedule", help=f"'epochs:lr,...' with rand(a,b) stages; 'seed' = {SEED_SCHEDULE}")
     a("--betas", type=float, nargs=2, default=(0.0, 0.99), help="Adam betas")
     a("--gp-lambda", type=float, default=10.0, help="gradient penalty weight")
+    a("--gp-every", type=int, default=1,
+      help="lazy penalty: only every K-th critic step pays the penalty, weighted lambda * K")
     a("--drift", type=float, default=0.001, help="weight of mean D(real)^2 (ProGAN's drift term)")
     a("--ema", type=float, default=0.999, help="decay of the generator's moving average (0 disables)")
     a("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
@@ -103,14 +124,16 @@ def build_parser():
     a("--shift-x", type=float, default=0.05, help="max horizontal shift, fraction of width")
     a("--shift-y", type=float, default=0.1, help="max vertical shift, fraction of height")
     a("--shear", type=float, default=10.0, help="max shear in degrees")
-    a("--zoom", type=float, nargs=2, default=(0.95, 1.2), help="Keras zoom range (1 1 disables)")
+    a("--zoom", type=float, nargs=2, default=(0.95, 1.2),
+      help="Keras zoom range, one factor for both axes (1 1 disables)")
     a("--brightness", type=float, nargs=2, default=(0.8, 1.4), help="brightness factor range (1 1 disables)")
     a("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips")
     a("--color-gain", type=float, default=0.4, help="per-channel gain ~ triangular(1-g, 1+g, mode 1)")
     a("--seed", type=int, default=1, help="random seed")
     a("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
     a("--torch-deterministic", action="store_true", help="deterministic algorithms (exact resume)")
-    a("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    a("--amp", action="store_true",
+      help="bf16 autocast (CUDA; on a CPU it runs too, and mostly pays on CPUs with bf16 units)")
     a("--out", default="runs", help="parent folder of run folders")
     a("--run-name", help="run folder name (default: <script>__<dataset>__<seed>__<unix time>)")
     a("--resume", help="checkpoint file or run folder to continue from")
@@ -118,6 +141,8 @@ def build_parser():
     a("--ckpt-every", type=int, default=1000, help="write ckpt/last.pt every N generator steps (0: end only)")
     a("--log-every", type=int, default=50, help="log metrics every N generator steps")
     a("--num-workers", type=int, default=-1, help="DataLoader workers (-1: min(8, cores - 1))")
+    a("--cache-images", action=argparse.BooleanOptionalAction, default=True,
+      help="decode and fit every image once at start and keep it in memory (uint8)")
     a("--fid-every", type=int, default=0, help="FID/KID of the EMA generator every N steps (0: off)")
     a("--fid-samples", type=int, default=5000, help="images per side for FID/KID")
     a("--fid-weights", help="Inception weights for torch-fidelity (needed offline)")
@@ -126,21 +151,52 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None, overrides=None):
+def parse_args(argv=None):
+    """The command line over a config file over a resumed checkpoint's settings, all through argparse, so that
+    every type, choice and check applies to each. With --resume, args.resume is the checkpoint file."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    config = pre.parse_known_args(argv)[0].config
-    valid = {act.dest for act in parser._actions}
-    for source, values in ((config, load_config(config) if config else {}), ("checkpoint", overrides or {})):
-        values = {k.replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            fail(f"{source}: unknown setting(s) {', '.join(unknown)}; see --help for the flags")
-        parser.set_defaults(**{k: v for k, v in values.items() if k not in NOT_FROM_CONFIG})
-    args = parser.parse_args(argv)
+    args, tokens = parser.parse_args(argv), []
+    if args.resume:
+        args.resume = str(checkpoint_file(args.resume))
+        tokens += as_flags(load_checkpoint(args.resume)["args"], f"--resume {args.resume}", parser)
+    if args.config:
+        tokens += as_flags(load_config(args.config), f"--config {args.config}", parser)
+    if tokens:
+        resume = args.resume
+        args = parser.parse_args(tokens + argv)
+        args.resume = resume
     check_args(args)
     return args
+
+
+def as_flags(values, source, parser):
+    """A dict of flag values (config file or checkpoint settings) as command-line tokens."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    unknown = sorted(str(k) for k in values if str(k).replace("-", "_") not in actions)
+    if unknown and source.startswith("--resume"):
+        fail(f"{source} is not a checkpoint of {SCRIPT}: it has settings this script does not have "
+             f"({', '.join(unknown[:4])})")
+    if unknown:
+        fail(f"{source}: unknown setting(s) {', '.join(unknown)}; see --help for the flags")
+    tokens = []
+    for key, value in values.items():
+        action = actions[str(key).replace("-", "_")]
+        flag = action.option_strings[0]
+        if action.dest in NOT_FROM_FILES or value is None:
+            continue
+        if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)) and \
+                not isinstance(value, bool):
+            fail(f"{source}: {flag} takes true or false, got {value!r}")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            tokens.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(action, argparse._StoreTrueAction):
+            tokens += [flag] if value else []
+        elif action.nargs:
+            tokens += [flag, *map(str, value if isinstance(value, (list, tuple)) else [value])]
+        else:
+            tokens += [flag, str(value)]
+    return tokens
 
 
 def load_config(path):
@@ -167,6 +223,7 @@ def check_args(args):
     bad = [
         (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
         (args.critic_its < 1, f"--critic-its must be at least 1, got {args.critic_its}"),
+        (args.gp_every < 1, f"--gp-every must be at least 1 (1: the penalty at every critic step), got {args.gp_every}"),
         (args.iters < 0, "--iters must be 0 or more"),
         (args.lr <= 0, "--lr must be positive"),
         (not 0 <= args.ema < 1, "--ema must be in [0, 1)"),
@@ -231,9 +288,11 @@ def find_images(root):
 
 
 def scan_folder(root):
-    """The readable images under root; the unreadable ones are counted once, in one line."""
+    """The images under root whose headers read; the unreadable ones are counted once, in one line."""
     if not root:
         fail("--data is required: pass the folder of training images, e.g. --data fish/")
+    if Path(root).is_file():
+        fail(f"--data {root} is a file; give the folder that holds the training images")
     if not Path(root).is_dir():
         fail(f"--data {root}: no such folder")
     files, bad = [], 0
@@ -317,24 +376,53 @@ class ImageFolder(torch.utils.data.Dataset):
 
     An item is (index, seed): the augmentation is a pure function of both, so the stream of batches does
     not depend on the number of workers and a resumed run sees exactly the batches a straight run would.
+    With `cache`, every image is decoded and fitted once, here, and kept as uint8 (decoding and fitting a fish
+    photo measured 0.5 ms of the 2.3 ms an augmented 32x32 image costs); files that do not decode are counted,
+    in one line, and left out. Without it, a file that fails later is replaced by the next one that decodes.
     """
 
-    def __init__(self, files, args, augment=True):
-        self.files, self.args = files, args
+    def __init__(self, files, args, augment=True, cache=False):
+        self.files, self.args, self.images = list(files), args, None
         self.augment = build_augment(args) if augment else None
+        if cache:
+            kept, images = [], []
+            for path in self.files:
+                try:
+                    images.append(self.fit(path))
+                    kept.append(path)
+                except OSError:  # truncated after a valid header
+                    pass
+            if not kept:
+                fail(f"--data {args.data}: none of its {len(self.files)} images decodes (truncated files?)")
+            if len(kept) < len(self.files):
+                print(f"{SCRIPT}: skipped {len(self.files) - len(kept)} image file(s) that do not decode "
+                      f"(truncated?) of {len(self.files)}")
+            self.files, self.images = kept, torch.stack(images)
+        else:
+            try:
+                self.uint8(0)
+            except RuntimeError as e:
+                fail(f"--data {args.data}: {e} (truncated files?)")
 
     def __len__(self):
         return len(self.files)
 
+    def fit(self, path):
+        return fit_square(load_image(path, self.args.channels), self.args.image_size, self.args.fit)
+
     def uint8(self, index):
-        return fit_square(load_image(self.files[index], self.args.channels), self.args.image_size, self.args.fit)
+        if self.images is not None:
+            return self.images[index]
+        for step in range(len(self)):  # a file truncated after its header: the next one that decodes
+            try:
+                return self.fit(self.files[(index + step) % len(self)])
+            except OSError:
+                pass
+        raise RuntimeError(f"none of its {len(self)} images decodes")
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, 0)
-        try:
-            x = self.uint8(index).float() / 255
-        except OSError:  # passed the header check at start but is truncated: use its neighbour
-            return self[((index + 1) % len(self), seed)]
+        x = self.uint8(index).float() / 255
         if self.augment:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -498,8 +586,9 @@ def sync_gradients(module):
         g.copy_(new.view_as(g))
 
 
-def critic_step(generator, critic, opt_critic, real, args):
-    """One critic update: -(D(real) - D(fake)) + lambda * GP + drift * D(real)^2.
+def critic_step(generator, critic, opt_critic, real, args, penalize=True):
+    """One critic update: -(D(real) - D(fake)) + lambda * K * GP + drift * D(real)^2, the penalty only when
+    `penalize` (every K = --gp-every-th step; its average weight stays lambda).
 
     Real and fake share one pass (minibatch stddev per half); the interpolates get their own, so that the
     penalty's double backward runs over N images, not 3N (a single 3N pass measured 1.2-2.1x slower on CPU)."""
@@ -509,16 +598,17 @@ def critic_step(generator, critic, opt_critic, real, args):
         fake = generator(z).to(real.dtype)
     with autocast(real.device, args.amp):
         d_real, d_fake = critic(torch.cat([real, fake]), groups=2).float().split(n)
-        gp = gradient_penalty(critic, real, fake) if args.gp_lambda else torch.zeros((), device=real.device)
+        pay = args.gp_lambda and penalize
+        gp = gradient_penalty(critic, real, fake) if pay else torch.zeros((), device=real.device)
     wasserstein = d_real.mean() - d_fake.mean()
     drift = d_real.square().mean()
-    loss = -wasserstein + args.gp_lambda * gp + args.drift * drift
+    loss = -wasserstein + args.gp_lambda * args.gp_every * gp + args.drift * drift
     opt_critic.zero_grad(set_to_none=True)
     loss.backward()
     sync_gradients(critic)
     opt_critic.step()
-    return {"loss_critic": loss.detach(), "wasserstein": wasserstein.detach(), "gp": gp.detach(),
-            "drift": drift.detach()}
+    out = {"loss_critic": loss.detach(), "wasserstein": wasserstein.detach(), "drift": drift.detach()}
+    return {**out, "gp": gp.detach()} if pay or not args.gp_lambda else out
 
 
 def generator_step(generator, critic, opt_generator, args):
@@ -542,7 +632,7 @@ def update_ema(ema, generator, decay):
     torch._foreach_add_(ema_params, params, alpha=1 - decay)
 
 
-# ------------------------------------------------------------------------------------------ checkpoint
+# ------------------------------------------------------------------------------ run folder and checkpoint
 def rng_state():
     np_state = np.random.get_state()
     return {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
@@ -570,24 +660,139 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def checkpoint_file(path):
     path = Path(path)
-    path = path / "ckpt" / "last.pt" if path.is_dir() else path
-    if not path.is_file():
+    return path / "ckpt" / "last.pt" if path.is_dir() else path
+
+
+def load_checkpoint(path):
+    if not Path(path).is_file():
         fail(f"--resume {path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert {"generator", "critic", "args", "iteration"} <= set(ckpt)
+        assert {"generator", "args"} <= set(ckpt)
     except Exception as e:
         fail(f"--resume {path}: not a readable checkpoint of this script ({type(e).__name__}); "
              "it may be truncated: use an earlier copy or start afresh")
+    if "iteration" not in ckpt:
+        fail(f"--resume {path} is not a checkpoint of {SCRIPT} (it is another script's)")
     return ckpt
+
+
+def restore(ckpt, nets, args, rank, world):
+    """Nets, optimizers (with the command line's --lr in force), the EMA (started from the generator when the
+    checkpoint has none) and this rank's RNG. Returns (iteration, images seen)."""
+    nets.generator.load_state_dict(ckpt["generator"])
+    nets.critic.load_state_dict(ckpt["critic"])
+    if nets.ema is not None:
+        nets.ema.load_state_dict(ckpt.get("ema") or ckpt["generator"])
+    for opt, key in ((nets.opt_g, "opt_generator"), (nets.opt_d, "opt_critic")):
+        opt.load_state_dict(ckpt[key])
+        for group in opt.param_groups:
+            group["lr"] = args.lr
+    states = ckpt["rng"]
+    set_rng_state(states[rank] if len(states) == world else states[0])
+    if len(states) != world:  # resumed under another process count: fresh, distinct noise per rank
+        torch.manual_seed(args.seed + 7919 * ckpt["iteration"] + rank)
+    return ckpt["iteration"], ckpt["images_seen"]
+
+
+def open_run_folder(args, lead):
+    """The checkpoint's folder when resuming, else a new <out>/<run name> that must not hold a run already."""
+    if args.resume:
+        return Path(args.resume).parent.parent
+    run_dir = Path(args.out) / args.run_name
+    if lead and (run_dir / "args.json").exists():
+        fail(f"--run-name: {run_dir} already holds a run; pass --resume {run_dir} to continue it, or another "
+             "--run-name")
+    try:
+        if lead:
+            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--out: cannot create the run folder {run_dir} ({e.strerror or type(e).__name__})")
+    return run_dir
+
+
+class RunLog:
+    """One record, three places: metrics.jsonl, TensorBoard and the progress bar (rank 0 only)."""
+
+    def __init__(self, run_dir, args, start, lead):
+        self.path, self.writer, self.bar = run_dir / "metrics.jsonl", None, None
+        if not lead:
+            self.path = None
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir), purge_step=start or None)
+        except ImportError:
+            print(f"{SCRIPT}: tensorboard is not installed; logging to metrics.jsonl only")
+        try:
+            from tqdm import tqdm
+            self.bar = tqdm(total=args.iters, initial=start, dynamic_ncols=True, desc=args.run_name[:40])
+        except ImportError:
+            pass
+
+    def log(self, record):
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer:
+            for k, v in record.items():
+                if k != "iter":
+                    self.writer.add_scalar(("eval/" if k in ("fid", "kid", "fid_n") else "train/") + k, v,
+                                           record["iter"])
+        if self.bar and "loss_critic" in record:
+            self.bar.set_postfix(loss_d=f"{record['loss_critic']:.3f}", W=f"{record['wasserstein']:.3f}",
+                                 img_s=f"{record['images_per_s']:.0f}")
+
+    def close(self):
+        for part in (self.bar, self.writer):
+            if part:
+                part.close()
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (what torchrun sends its workers, and schedulers) ask training to stop after
+    the current step; a second one stops at once. Installed only where Python allows handlers (main thread)."""
+
+    def __init__(self):
+        self.received, self.saved = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
+def agree(value, device, world, op):
+    """The same number on every rank (torchrun): the largest or smallest of the ranks' values."""
+    if world == 1:
+        return value
+    t = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op)
+    return t.item()
 
 
 # ------------------------------------------------------------------------------------------- artifacts
 @torch.no_grad()
 def generate(generator, z, batch=256):
     return torch.cat([generator(part).float().clamp(-1, 1).cpu() for part in z.split(batch)])
+
+
+def noise(n, args, device, offset):
+    """Latents for figures and FID from their own seeded stream: drawing them leaves the training RNG alone."""
+    return torch.randn(n, args.latent_dim, generator=torch.Generator().manual_seed(args.seed + offset)).to(device)
 
 
 def to_uint8_rgb(x):
@@ -604,22 +809,22 @@ def slerp(a, b, t):
 
 def write_interpolation(generator, args, path, device):
     """4 x 10 walk around a loop through four latent points (row k goes from point k to point k+1)."""
-    points = torch.randn(4, args.latent_dim, generator=torch.Generator().manual_seed(args.seed + 1))
+    points = noise(4, args, "cpu", 1)
     ts = torch.linspace(0, 1, 10)
     z = torch.stack([slerp(points[k], points[(k + 1) % 4], t) for k in range(4) for t in ts]).to(device)
     save_image(generate(generator, z), path, nrow=10, normalize=True, value_range=(-1, 1))
 
 
-def write_nearest_neighbours(generator, files, args, path, device, count=256):
+def write_nearest_neighbours(generator, data, args, path, device, count=256):
     """Histogram of RMS pixel distances to the nearest neighbour: real-real, fake-fake and fake-to-real.
     Fake-to-real far below real-real means the generator copies training images."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    data = ImageFolder(files, args, augment=False)
     count = min(count, len(data))
-    real = torch.stack([data[i] for i in np.linspace(0, len(data) - 1, count).astype(int)]).flatten(1)
-    fake = generate(generator, torch.randn(count, args.latent_dim, device=device)).flatten(1)
+    real = torch.stack([data.uint8(i) for i in np.linspace(0, len(data) - 1, count).astype(int)])
+    real = (real.float() / 127.5 - 1).flatten(1)
+    fake = generate(generator, noise(count, args, device, 3)).flatten(1)
     scale = math.sqrt(real.shape[1])
 
     def nearest(a, b, same):
@@ -648,37 +853,52 @@ def write_gif(sample_dir, path):
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=200, loop=0)
 
 
-class Uint8Images(torch.utils.data.Dataset):
-    """What torch-fidelity takes: uint8 [3, H, W] tensors."""
+def load_inception(args, device):
+    """torch-fidelity's FID Inception, built at start so that a missing torch-fidelity or bad --fid-weights stops
+    the run before training; on a CPU in channels_last (its NHWC kernels measured 1.3x faster there)."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError:
+        fail("--fid-every needs torch-fidelity (pip install torch-fidelity)")
+    if args.fid_weights and not Path(args.fid_weights).is_file():
+        fail(f"--fid-weights {args.fid_weights}: no such file; give torch-fidelity's Inception weights")
+    try:
+        with torch.random.fork_rng(devices=[]):  # its layers' initialisation must not move the training RNG
+            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                              feature_extractor_weights_path=args.fid_weights)
+    except Exception as e:
+        fail(f"--fid-weights {args.fid_weights}: not torch-fidelity's Inception weights ({type(e).__name__})")
+    cpu = device.type == "cpu"
+    return net.eval().to(device, memory_format=torch.channels_last if cpu else torch.preserve_format)
 
-    def __init__(self, images=None, folder=None):
-        self.images, self.folder = images, folder
 
-    def __len__(self):
-        return len(self.images) if self.images is not None else len(self.folder)
-
-    def __getitem__(self, i):
-        if self.images is not None:
-            return self.images[i]
-        x = self.folder.uint8(i)
-        return x.expand(3, -1, -1) if x.shape[0] == 1 else x
+@torch.no_grad()
+def inception_features(inception, images, device):
+    """Pool features [n, 2048] of uint8 [n, C, H, W] images, in batches of 25 on a CPU (faster there than 100)."""
+    chunks = to_uint8_rgb(images.float() / 127.5 - 1).split(25 if device.type == "cpu" else 250)
+    return torch.cat([inception(chunk.to(device))[0].cpu() for chunk in chunks])
 
 
-def compute_fid(generator, files, args, device):
-    """FID and KID of the generator against up to --fid-samples training images (fitted, not augmented)."""
-    import torch_fidelity
-    n = min(args.fid_samples, len(files))
-    real_files = [files[i] for i in np.linspace(0, len(files) - 1, n).astype(int)]
+def compute_fid(inception, generator, data, args, device):
+    """FID and KID (torch-fidelity's metric code) of the generator against up to --fid-samples training images
+    (fitted, not augmented), whose features are cached under --out."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    n = min(args.fid_samples, len(data))
     key = hashlib.sha1(f"{Path(args.data).resolve()}|{args.image_size}|{args.channels}|{args.fit}|{n}".encode())
-    fake = to_uint8_rgb(generate(generator, torch.randn(n, args.latent_dim, device=device)))
-    metrics = torch_fidelity.calculate_metrics(
-        input1=Uint8Images(fake), input2=Uint8Images(folder=ImageFolder(real_files, args, augment=False)),
-        input2_cache_name=f"real-{key.hexdigest()[:16]}", cache_root=str(Path(args.out) / ".fid_cache"),
-        cache=True, fid=True, kid=True, kid_subset_size=min(1000, n), cuda=device.type == "cuda",
-        feature_extractor_weights_path=args.fid_weights, verbose=False, batch_size=min(100, n),
-        save_cpu_ram=device.type != "cuda")  # in-memory fakes: loader workers only thrash a CPU
-    return {"fid": metrics["frechet_inception_distance"], "kid": metrics["kernel_inception_distance_mean"],
-            "fid_n": n}
+    cache = Path(args.out) / ".fid_cache" / f"real-{key.hexdigest()[:16]}.pt"
+    if cache.is_file():
+        real = torch.load(cache)
+    else:
+        picks = np.linspace(0, len(data) - 1, n).astype(int)
+        real = inception_features(inception, torch.stack([data.uint8(i) for i in picks]), device)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(real, cache)
+    fake = generate(generator, noise(n, args, device, 7))
+    fake = inception_features(inception, ((fake + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), device)
+    fid = fid_statistics_to_metric(fid_features_to_statistics(fake), fid_features_to_statistics(real), False)
+    kid = kid_features_to_metric(fake, real, kid_subset_size=min(1000, n), verbose=False)
+    return {"fid": fid["frechet_inception_distance"], "kid": kid["kernel_inception_distance_mean"], "fid_n": n}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -700,8 +920,11 @@ def sample_mode(args, device, ckpt):
     generator = Generator(args).to(device)
     generator.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["generator"])
     generator.eval()
-    out = Path(args.sample_out or Path(args.out) / args.run_name / "generated")
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.sample_out) if args.sample_out else Path(args.resume).parent.parent / "generated"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--sample-out: cannot create {out} ({e.strerror or type(e).__name__})")
     z = torch.randn(args.sample, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     written = 0
     for part in z.split(256):
@@ -711,30 +934,40 @@ def sample_mode(args, device, ckpt):
     print(f"wrote {written} images to {out}")
 
 
+def train_step(nets, loader, iteration, lr, args, device, memory):
+    """Generator step `iteration` (1-based): its critic steps on fresh batches (the penalty on every
+    --gp-every-th), the generator update and the EMA. Returns the losses to log."""
+    for group in nets.opt_g.param_groups + nets.opt_d.param_groups:
+        group["lr"] = lr
+    for j in range(args.critic_its):
+        real = next(loader).to(device, non_blocking=True, memory_format=memory)
+        penalize = ((iteration - 1) * args.critic_its + j) % args.gp_every == 0
+        nets.stats.update(critic_step(nets.generator, nets.critic, nets.opt_d, real, args, penalize))
+    nets.stats.update(generator_step(nets.generator, nets.critic, nets.opt_g, args))
+    if nets.ema is not None:
+        decay = min(args.ema, iteration / (iteration + 9)) if args.ema_warmup else args.ema
+        update_ema(nets.ema, nets.generator, decay)
+    return torch.stack([nets.stats[k] for k in LOGGED])
+
+
 def main(argv=None):
     args = parse_args(argv)
-    ckpt = None
-    if args.resume:  # the checkpoint's settings, with what the command line says on top
-        ckpt = load_checkpoint(args.resume)
-        args = parse_args(argv, overrides=ckpt["args"])
-        args.run_name = ckpt["args"]["run_name"]
     device, rank, world = setup_device(args)
-    if args.amp and device.type != "cuda":
-        print(f"{SCRIPT}: --amp needs CUDA; training in float32 on {device}")
-        args.amp = False
+    ckpt = load_checkpoint(args.resume) if args.resume else None
     if args.sample:
         if ckpt is None:
             fail("--sample needs --resume CHECKPOINT (or run folder) to sample from")
         return sample_mode(args, device, ckpt)
-    files = scan_folder(args.data)
-    if args.batch_size * world > len(files):
-        fail(f"--batch-size {args.batch_size} x {world} process(es) is more than the {len(files)} images in "
+    lead = rank == 0
+    inception = load_inception(args, device) if args.fid_every and lead else None
+    data = ImageFolder(scan_folder(args.data), args, cache=args.cache_images)
+    if args.batch_size * world > len(data):
+        fail(f"--batch-size {args.batch_size} x {world} process(es) is more than the {len(data)} images in "
              f"{args.data}; use a smaller --batch-size")
     args.dataset = args.dataset or Path(args.data).resolve().name
     args.run_name = args.run_name or f"{Path(SCRIPT).stem}__{args.dataset}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.out) / args.run_name
-    lead = rank == 0
-
+    run_dir = open_run_folder(args, lead)
+    args.run_name = run_dir.name
     if args.torch_deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -748,149 +981,107 @@ def main(argv=None):
     critic = Critic(args).to(device, memory_format=memory)
     ema = copy.deepcopy(generator).eval().requires_grad_(False) if args.ema else None
     adam = dict(lr=args.lr, betas=tuple(args.betas), eps=1e-8, fused=device.type == "cuda")
-    opt_g, opt_d = torch.optim.Adam(generator.parameters(), **adam), torch.optim.Adam(critic.parameters(), **adam)
-    start, images_seen = 0, 0
+    nets = argparse.Namespace(generator=generator, critic=critic, ema=ema, stats={"gp": torch.zeros((), device=device)},
+                              opt_g=torch.optim.Adam(generator.parameters(), **adam),
+                              opt_d=torch.optim.Adam(critic.parameters(), **adam))
     torch.manual_seed(args.seed + rank)  # different noise per rank
-    if ckpt is not None:
-        generator.load_state_dict(ckpt["generator"])
-        critic.load_state_dict(ckpt["critic"])
-        if ema is not None and ckpt.get("ema"):
-            ema.load_state_dict(ckpt["ema"])
-        opt_g.load_state_dict(ckpt["opt_generator"])
-        opt_d.load_state_dict(ckpt["opt_critic"])
-        start, images_seen = ckpt["iteration"], ckpt["images_seen"]
-        states = ckpt["rng"]
-        set_rng_state(states[rank] if len(states) == world else states[0])
-        if len(states) != world:  # resumed under another process count: fresh, distinct noise per rank
-            torch.manual_seed(args.seed + 7919 * start + rank)
+    start, images_seen = restore(ckpt, nets, args, rank, world) if ckpt else (0, 0)
     stages = parse_schedule(args.lr_schedule) if args.lr_schedule else None
-
-    data = ImageFolder(files, args)
     batches = Batches(data, args.batch_size, args.seed, rank, world, images_seen // (args.batch_size * world))
     workers = args.num_workers if args.num_workers >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
     loader = iter(torch.utils.data.DataLoader(
         data, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
         generator=torch.Generator()))  # its own generator: creating the loader must not draw from the global RNG
-    fixed_z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
-
-    writer, bar = None, None
+    fixed_z = noise(64, args, device, 0)
     if lead:
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(run_dir), purge_step=start or None)
-        except ImportError:
-            print(f"{SCRIPT}: tensorboard is not installed; logging to metrics.jsonl only")
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=args.iters, initial=start, dynamic_ncols=True, desc=args.run_name[:40])
-        except ImportError:
-            pass
-        print(f"{SCRIPT}: {len(files)} images, batch {args.batch_size} x {world} process(es) = "
+        (run_dir / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "resume"},
+                                                      indent=2))
+        print(f"{SCRIPT}: {len(data)} images, batch {args.batch_size} x {world} process(es) = "
               f"{args.batch_size * world} per critic step, {device}, run folder {run_dir}")
+    run = RunLog(run_dir, args, start, lead)
+    per_epoch = batches.per_epoch * args.batch_size * world
 
-    def state(iteration, seen):
+    def checkpoint(iteration):
         rngs = [rng_state()]
         if world > 1:
             rngs = [None] * world
             dist.all_gather_object(rngs, rng_state())
-        return {"generator": generator.state_dict(), "critic": critic.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None, "opt_generator": opt_g.state_dict(),
-                "opt_critic": opt_d.state_dict(), "iteration": iteration, "images_seen": seen, "rng": rngs,
-                "args": vars(args)}
-
-    def check_finite(first_bad):
-        if world > 1:
-            dist.all_reduce(first_bad, dist.ReduceOp.MAX)
-        if first_bad.item() >= 0:
-            last = run_dir / "ckpt" / "last.pt"
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            fail(f"non-finite loss at iteration {first_bad.item()}; training stopped, {kept}", code=1)
-
-    keys = ("loss_critic", "wasserstein", "gp", "drift", "loss_gen")
-    totals = torch.zeros(len(keys), device=device)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    logged, t_start, t_log = 0, time.time(), time.time()
-    lr = args.lr
-    iteration = start
-    try:
-        for iteration in range(start + 1, args.iters + 1):
-            if stages:
-                lr = lr_at(stages, images_seen // (batches.per_epoch * args.batch_size * world))
-                for group in opt_g.param_groups + opt_d.param_groups:
-                    group["lr"] = lr
-            for _ in range(args.critic_its):
-                real = next(loader).to(device, non_blocking=True, memory_format=memory)
-                stats = critic_step(generator, critic, opt_d, real, args)
-                images_seen += args.batch_size * world
-            stats.update(generator_step(generator, critic, opt_g, args))
-            if ema is not None:
-                decay = min(args.ema, iteration / (iteration + 9)) if args.ema_warmup else args.ema
-                update_ema(ema, generator, decay)
-            values = torch.stack([stats[k] for k in keys])
-            totals += values
-            first_bad = torch.where((first_bad < 0) & ~values.isfinite().all(), iteration, first_bad)
-            logged += 1
-            last_step = iteration == args.iters
-            if iteration % args.log_every == 0 or last_step:
-                check_finite(first_bad)
-                now = time.time()
-                record = {"iter": iteration, **dict(zip(keys, (totals / logged).tolist())), "lr": lr,
-                          "epoch": images_seen / (batches.per_epoch * args.batch_size * world),
-                          "images_per_s": logged * args.critic_its * args.batch_size * world / (now - t_log),
-                          "global_batch": args.batch_size * world, "seconds": now - t_start}
-                totals.zero_()
-                logged, t_log = 0, now
-                if lead:
-                    with open(run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    if writer:
-                        for k, v in record.items():
-                            if k != "iter":
-                                writer.add_scalar(f"train/{k}", v, iteration)
-                    if bar:
-                        bar.set_postfix(loss_d=f"{record['loss_critic']:.3f}", W=f"{record['wasserstein']:.3f}",
-                                        img_s=f"{record['images_per_s']:.0f}")
-            if bar:
-                bar.update(1)
-            shown = ema if ema is not None else generator
-            if lead and args.sample_every and (iteration % args.sample_every == 0 or last_step):
-                save_image(generate(shown, fixed_z), run_dir / "samples" / f"iter_{iteration:06d}.png",
-                           nrow=8, normalize=True, value_range=(-1, 1))
-            if lead and args.fid_every and (iteration % args.fid_every == 0 or last_step):
-                fid = compute_fid(shown, files, args, device)
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"iter": iteration, **fid}) + "\n")
-                if writer:
-                    writer.add_scalar("eval/fid", fid["fid"], iteration)
-                    writer.add_scalar("eval/kid", fid["kid"], iteration)
-                print(f"iteration {iteration}: FID {fid['fid']:.2f}, KID {fid['kid']:.4f} (n = {fid['fid_n']})")
-            if (args.ckpt_every and iteration % args.ckpt_every == 0) or last_step:
-                check_finite(first_bad)
-                snapshot = state(iteration, images_seen)
-                if lead:
-                    save_checkpoint(run_dir / "ckpt" / "last.pt", snapshot)
-    except KeyboardInterrupt:
-        check_finite(first_bad)
         if lead:
-            save_checkpoint(run_dir / "ckpt" / "last.pt", state(iteration, images_seen))
-            print(f"\ninterrupted at iteration {iteration}; checkpoint written to {run_dir / 'ckpt' / 'last.pt'}")
-        return
-    finally:
-        if bar:
-            bar.close()
+            save_checkpoint(run_dir / "ckpt" / "last.pt", {
+                "generator": generator.state_dict(), "critic": critic.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "opt_generator": nets.opt_g.state_dict(),
+                "opt_critic": nets.opt_d.state_dict(), "iteration": iteration, "images_seen": images_seen,
+                "rng": rngs, "args": {k: v for k, v in vars(args).items() if k != "resume"}})
+
+    totals, logged = torch.zeros(len(LOGGED), device=device), 0
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    t_start = t_log = time.time()
+    deadline, stop, iteration = t_start + args.max_time if args.max_time else None, 0, start
+    try:
+        with StopSignals() as signals:
+            while iteration < args.iters and not stop:
+                iteration += 1
+                lr = lr_at(stages, images_seen // per_epoch) if stages else args.lr
+                values = train_step(nets, loader, iteration, lr, args, device, memory)
+                images_seen += args.critic_its * args.batch_size * world
+                totals, logged = totals + values, logged + 1
+                first_bad = torch.where((first_bad < 0) & ~values.isfinite().all(), iteration, first_bad)
+                now = time.time()
+                stop = int(agree(2.0 if signals.received else float(bool(deadline and now >= deadline)), device,
+                                 world, dist.ReduceOp.MAX))  # 1: on time, 2: a signal; every rank stops together
+                last = iteration == args.iters or stop
+                fid_due = args.fid_every and (iteration % args.fid_every == 0 or last) and stop != 2
+                ckpt_due = (args.ckpt_every and iteration % args.ckpt_every == 0) or last or fid_due
+                if iteration % args.log_every == 0 or ckpt_due:
+                    bad = agree(float(first_bad) if first_bad >= 0 else math.inf, device, world, dist.ReduceOp.MIN)
+                    if bad < math.inf:  # the first non-finite step over all ranks
+                        last_good = run_dir / "ckpt" / "last.pt"
+                        kept = f"the last good checkpoint is {last_good}" if last_good.exists() else \
+                            "no checkpoint was written yet"
+                        run.close()
+                        fail(f"non-finite loss at iteration {int(bad)}; training stopped, {kept}", code=1)
+                if iteration % args.log_every == 0 or last:
+                    run.log({"iter": iteration, **dict(zip(LOGGED, (totals / logged).tolist())), "lr": lr,
+                             "epoch": images_seen / per_epoch, "global_batch": args.batch_size * world,
+                             "images_per_s": logged * args.critic_its * args.batch_size * world / (now - t_log),
+                             "seconds": now - t_start})
+                    totals, logged, t_log = torch.zeros_like(totals), 0, now
+                if run.bar:
+                    run.bar.update(1)
+                shown = ema if ema is not None else generator
+                if lead and args.sample_every and (iteration % args.sample_every == 0 or last):
+                    save_image(generate(shown, fixed_z), run_dir / "samples" / f"iter_{iteration:06d}.png",
+                               nrow=8, normalize=True, value_range=(-1, 1))
+                if ckpt_due:
+                    checkpoint(iteration)  # before the FID, so that a failing FID loses nothing
+                if fid_due and lead:
+                    fid = compute_fid(inception, shown, data, args, device)
+                    run.log({"iter": iteration, **fid})
+                    print(f"iteration {iteration}: FID {fid['fid']:.2f}, KID {fid['kid']:.4f} (n = {fid['fid_n']})")
+    except KeyboardInterrupt:  # a second signal: out at once, mid-step, so no checkpoint of this state
+        run.close()
+        print(f"\n{SCRIPT}: stopped at once by a second signal; the last checkpoint is {run_dir / 'ckpt'}",
+              file=sys.stderr)
+        raise SystemExit(130)
+    run.close()
+    if stop == 2:
+        code = 128 + (signals.received or signal.SIGTERM)
+        if lead:
+            print(f"{SCRIPT}: stopped by a signal after iteration {iteration}: checkpoint written to "
+                  f"{run_dir / 'ckpt' / 'last.pt'}; continue with --resume {run_dir}", file=sys.stderr)
+        if world > 1:
+            dist.destroy_process_group()
+        raise SystemExit(code)  # 130 for Ctrl-C: a `train && next` chain stops here
     if lead:
         final = ema if ema is not None else generator
         write_gif(run_dir / "samples", run_dir / "progress.gif")
         write_interpolation(final, args, run_dir / "interpolation.png", device)
         try:
-            write_nearest_neighbours(final, files, args, run_dir / "nearest_neighbours.png", device)
+            write_nearest_neighbours(final, data, args, run_dir / "nearest_neighbours.png", device)
         except ImportError:
             print(f"{SCRIPT}: matplotlib is not installed; skipped nearest_neighbours.png")
-        if writer:
-            writer.close()
-        print(f"done: {args.iters} iterations in {time.time() - t_start:.0f} s; run folder {run_dir}")
+        why = f"stopped on time (--max-time {args.max_time:g} s)" if stop == 1 else "done"
+        print(f"{why}: {iteration} iterations in {time.time() - t_start:.0f} s; run folder {run_dir}")
     if world > 1:
         dist.destroy_process_group()
 

@@ -10,6 +10,8 @@ to .benchmarks/ttq/<time>/table.txt beside the grids and both run folders.
     WGAN_TTQ_T=600 WGAN_TTQ_N=1000 WGAN_TTQ_FLAGS="--penalty gp" pytest bench/test_time_to_quality.py
     WGAN_TTQ_SCRIPT=noise_morph WGAN_TTQ_FLAGS="--dataset mnist --no-morph" pytest bench/test_time_to_quality.py
     WGAN_TTQ_FLAGS="--penalty gp --gp-every 4" WGAN_TTQ_VS="--penalty gp" pytest bench/test_time_to_quality.py
+    WGAN_TTQ_T=3600 WGAN_TTQ_FLAGS="--penalty gp --iters 2500" WGAN_TTQ_VS="--penalty gp --gp-every 1 --iters 2500" \
+        pytest bench/test_time_to_quality.py          # equal generator steps: --iters in both arms' flags
 
 Settings (environment): WGAN_TTQ_T seconds (600; 20 with --bench-quick), WGAN_TTQ_N images per side (1000; 50),
 WGAN_TTQ_SCRIPT (wgan_mnist, noise_morph or wgan_gp_64), WGAN_TTQ_FLAGS (the script's flags), WGAN_TTQ_VS (flags of
@@ -51,8 +53,10 @@ def settings(quick, shared):
 
 def script_arm(name, cfg, flags, out):
     argv = [str(ROOT / f"{cfg['script']}.py"), *flags, "--data", str(cfg["data"]), "--max-time", str(cfg["seconds"]),
-            "--iters", str(10**9), "--seed", cfg["seed"], "--out", str(out), "--run-name", name,
-            "--sample-every", "0", "--ckpt-every", "0", "--log-every", "100"]
+            "--seed", cfg["seed"], "--out", str(out), "--run-name", name, "--sample-every", "0", "--ckpt-every", "0",
+            "--log-every", "100"]
+    if "--iters" not in flags:  # flags with --iters compare at equal generator steps (whichever ends first)
+        argv += ["--iters", str(10**9)]
     if cfg["script"] == "wgan_gp_64":
         argv += ["--num-workers", "0"]  # one thread per arm: loader workers would take the other arm's core
     return {"name": name, "kind": "script", "flags": flags, "argv": argv, "run": out / name}

@@ -1,8 +1,11 @@
 """Tests for wgan_gp_64.py: the penalty against analytic cases, the ProGAN layers, the schedule, the data
 pipeline, short real runs, exact resume and every bad input. CPU, tiny models, a few steps each."""
+import argparse
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -400,3 +403,210 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"wgan_gp_64.py: error: --data {tmp_path / 'nowhere'}: "
                                                   "no such folder"]
+
+
+# ------------------------------------------------------------------------------- time budget, lazy penalty
+def test_max_time_ends_like_iters_and_resume_gets_a_new_budget(tmp_path, folder, monkeypatch, capsys):
+    from conftest import check_max_time
+    argv = TINY + ["--data", str(folder), "--out", str(tmp_path / "runs"), "--run-name", "t", "--critic-its", "1",
+                   "--sample-every", "1000"]
+    run_dir = tmp_path / "runs" / "t"
+    check_max_time(w, argv, run_dir, "iteration", capsys, monkeypatch)
+    assert (run_dir / "progress.gif").is_file() and (run_dir / "interpolation.png").is_file()
+
+
+@pytest.mark.parametrize("every, paid", [(1, 6), (3, 2), (4, 2)])
+def test_gp_every_pays_the_penalty_on_every_kth_critic_step(tmp_path, folder, monkeypatch, every, paid):
+    calls, original = [], w.gradient_penalty
+    monkeypatch.setattr(w, "gradient_penalty", lambda *a: calls.append(1) or original(*a))
+    run(tmp_path, folder, "--iters", "3", "--gp-every", str(every), "--sample-every", "0")
+    assert len(calls) == paid  # critic-its 2: critic steps 0..5; paid at 0, K, 2K, ...
+    args = tiny_args("--gp-every", str(every), "--critic-dropout", "0")
+    generator, critic = w.Generator(args), w.Critic(args)
+    opt = torch.optim.Adam(critic.parameters())
+    out = w.critic_step(generator, critic, opt, torch.rand(4, 3, 32, 32) * 2 - 1, args)
+    expected = -out["wasserstein"] + 10 * every * out["gp"] + args.drift * out["drift"]
+    assert torch.allclose(out["loss_critic"], expected)
+    assert "gp" not in w.critic_step(generator, critic, opt, torch.rand(4, 3, 32, 32), args, penalize=False)
+
+
+# ------------------------------------------------------------------------------ nothing lost, nothing silent
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_after_the_step_and_resume_is_bit_exact(tmp_path, folder, monkeypatch, capsys, sig, code):
+    common = ["--torch-deterministic", "--sample-every", "0", "--iters", "6", "--ckpt-every", "100"]
+    straight = run(tmp_path, folder, *common, name="straight")
+    step, calls = w.critic_step, [0]
+
+    def signalled(*a, **k):
+        calls[0] += 1
+        if calls[0] == 5:  # the first critic step of iteration 3
+            os.kill(os.getpid(), sig)
+        return step(*a, **k)
+
+    monkeypatch.setattr(w, "critic_step", signalled)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, folder, *common, name="split")
+    assert e.value.code == code and "after iteration 3" in capsys.readouterr().err
+    monkeypatch.setattr(w, "critic_step", step)
+    split = tmp_path / "runs" / "split"
+    assert torch.load(split / "ckpt" / "last.pt", weights_only=True)["iteration"] == 3
+    w.main(["--resume", str(split)])
+    a, b = weights(straight), weights(split)
+    torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_stays_in_the_checkpoints_folder(tmp_path, folder, monkeypatch):
+    out = run(tmp_path, folder, "--iters", "2", "--sample-every", "0")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    w.main(["--resume", str(out), "--iters", "3"])
+    assert torch.load(out / "ckpt" / "last.pt", weights_only=True)["iteration"] == 3
+    assert not any(elsewhere.iterdir())  # nothing written where the command ran
+
+
+def test_reusing_a_run_name_is_refused_and_lr_on_resume_is_in_force(tmp_path, folder, capsys):
+    out = run(tmp_path, folder, "--iters", "1", "--sample-every", "0")
+    before = (out / "ckpt" / "last.pt").read_bytes()
+    capsys.readouterr()
+    line = expect_exit(capsys, TINY + ["--data", str(folder), "--out", str(tmp_path / "runs"), "--run-name", "r"])
+    assert "--resume" in line and (out / "ckpt" / "last.pt").read_bytes() == before
+    w.main(["--resume", str(out), "--iters", "2", "--lr", "3e-4"])
+    ckpt = torch.load(out / "ckpt" / "last.pt", weights_only=True)
+    assert {g["lr"] for k in ("opt_generator", "opt_critic") for g in ckpt[k]["param_groups"]} == {3e-4}
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["lr"] == 3e-4
+
+
+@pytest.mark.parametrize("values, needle", [({"image_size": 48}, "--image-size"), ({"device": "gpu"}, "--device"),
+                                            ({"channels": 2}, "--channels"), ({"zoom": 1.0}, "--zoom"),
+                                            ({"fit": "stretch"}, "--fit"), ({"batch_size": 4.5}, "--batch-size"),
+                                            ({"augment": "maybe"}, "--augment")])
+def test_config_values_get_the_flags_checks(tmp_path, capsys, values, needle):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(values))
+    assert needle in expect_exit(capsys, ["--config", str(cfg), "--data", str(tmp_path)])
+
+
+def test_fid_and_figures_leave_the_training_rng_alone(tmp_path, folder, fid_weights):
+    common = ["--torch-deterministic", "--iters", "4", "--sample-every", "1"]
+    plain = run(tmp_path, folder, *common, name="plain")
+    measured = run(tmp_path, folder, *common, "--fid-every", "2", "--fid-samples", "8", "--fid-weights",
+                   str(fid_weights), name="fid")
+    a, b = weights(plain), weights(measured)
+    torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fids = [json.loads(x) for x in (measured / "metrics.jsonl").read_text().splitlines() if "fid" in x]
+    assert [r["iter"] for r in fids] == [2, 4] and all(r["fid"] > 0 for r in fids)
+
+
+def test_fid_equals_torch_fidelity_calculate_metrics(tmp_path, folder, fid_weights):
+    import torch_fidelity
+    args = tiny_args("--data", str(folder), "--out", str(tmp_path), "--fid-samples", "12",
+                     "--fid-weights", str(fid_weights))
+    data = w.ImageFolder(w.scan_folder(folder), args, augment=False, cache=True)
+    generator, inception = w.Generator(args), w.load_inception(args, torch.device("cpu"))
+    got = w.compute_fid(inception, generator, data, args, torch.device("cpu"))
+    fake = w.to_uint8_rgb(w.generate(generator, w.noise(12, args, "cpu", 7)))
+    real = torch.stack([data.uint8(i) for i in np.linspace(0, len(data) - 1, 12).astype(int)])
+
+    class Items(torch.utils.data.Dataset):
+        def __init__(self, x):
+            self.x = x
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i]
+
+    ref = torch_fidelity.calculate_metrics(input1=Items(fake), input2=Items(real), fid=True, kid=True,
+                                           kid_subset_size=12, feature_extractor_weights_path=str(fid_weights),
+                                           cuda=False, save_cpu_ram=True, verbose=False)
+    assert got["fid"] == pytest.approx(ref["frechet_inception_distance"], rel=1e-3)
+    assert got["kid"] == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-3, abs=1e-5)
+
+
+def test_failures_are_found_at_start_with_one_line(tmp_path, folder, capsys):
+    not_weights = tmp_path / "w.pth"
+    torch.save({"x": torch.zeros(1)}, not_weights)
+    (tmp_path / "file").write_text("x")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for i, src in enumerate(sorted(folder.rglob("*.jpg"))[:6]):
+        data = src.read_bytes()
+        (truncated / f"{i}.jpg").write_bytes(data[:len(data) * 6 // 10])  # header and part of the scan
+    out = run(tmp_path, folder, "--iters", "1", "--sample-every", "0")
+    cases = {"--fid-weights": ["--data", str(folder), "--fid-every", "1", "--fid-weights", str(tmp_path / "no.pth")],
+             "Inception": ["--data", str(folder), "--fid-every", "1", "--fid-weights", str(not_weights)],
+             "is a file": ["--data", str(tmp_path / "file")],
+             "--out": ["--data", str(folder), "--out", str(tmp_path / "file" / "runs")],
+             "/proc/nope": ["--data", str(folder), "--out", "/proc/nope"],
+             "decodes": ["--data", str(truncated), "--batch-size", "2", "--out", str(tmp_path / "t")],
+             "--sample-out": ["--resume", str(out), "--sample", "2", "--sample-out", str(tmp_path / "file" / "g")]}
+    capsys.readouterr()
+    for needle, argv in cases.items():
+        assert needle in expect_exit(capsys, TINY + argv), needle
+    assert not (tmp_path / "t").exists()
+
+
+def test_truncated_files_without_the_cache_are_replaced_iteratively(tmp_path, folder):
+    files = w.scan_folder(folder)
+    for f in files[:-1]:  # every file but the last is truncated after its header
+        f.write_bytes(f.read_bytes()[:len(f.read_bytes()) * 6 // 10])
+    data = w.ImageFolder(files, tiny_args("--no-augment"), augment=False, cache=False)
+    assert torch.equal(data.uint8(0), data.uint8(len(files) - 1))  # the next file that decodes, no recursion
+
+
+def test_ema_of_a_run_without_one_starts_from_the_generator(tmp_path, folder):
+    out = run(tmp_path, folder, "--iters", "1", "--sample-every", "0", "--ema", "0")
+    args = w.parse_args(["--resume", str(out), "--ema", "0.999"])
+    ckpt = w.load_checkpoint(args.resume)
+    generator, critic = w.Generator(args), w.Critic(args)
+    nets = argparse.Namespace(generator=generator, critic=critic, ema=w.Generator(args),
+                              opt_g=torch.optim.Adam(generator.parameters()), opt_d=torch.optim.Adam(critic.parameters()))
+    w.restore(ckpt, nets, args, 0, 1)
+    assert all(torch.equal(a, b) for a, b in zip(nets.ema.parameters(), generator.parameters()))
+
+
+# ------------------------------------------------------------------------------ GPU code paths, on a CPU
+def test_bf16_penalty_gradient_matches_float32():
+    args = tiny_args("--critic-dropout", "0")
+    torch.manual_seed(0)
+    critic = w.Critic(args)
+    real, fake = torch.rand(4, 3, 32, 32) * 2 - 1, torch.rand(4, 3, 32, 32) * 2 - 1
+    results = {}
+    for amp in (False, True):
+        torch.manual_seed(5)
+        with w.autocast(torch.device("cpu"), amp):
+            gp = w.gradient_penalty(critic, real, fake)
+        weights_ = [p for p in critic.parameters() if p.dim() > 1]
+        results[amp] = (gp.detach().float(), torch.autograd.grad(gp, weights_, allow_unused=True))
+    assert results[True][0] == pytest.approx(results[False][0].item(), rel=0.05)
+    for a, b in zip(results[False][1], results[True][1]):
+        if a is not None:
+            assert torch.nn.functional.cosine_similarity(a.flatten(), b.float().flatten(), dim=0) > 0.98
+
+
+def test_channels_last_and_fused_adam_give_the_same_step():
+    args = tiny_args("--critic-dropout", "0")
+    results = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        memory = torch.channels_last if fast else torch.contiguous_format
+        generator, critic = w.Generator(args).to(memory_format=memory), w.Critic(args).to(memory_format=memory)
+        opt_g = torch.optim.Adam(generator.parameters(), lr=1e-3, fused=fast)
+        opt_d = torch.optim.Adam(critic.parameters(), lr=1e-3, fused=fast)
+        real = (torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(
+            memory_format=memory)
+        torch.manual_seed(1)
+        w.critic_step(generator, critic, opt_d, real, args)
+        w.generator_step(generator, critic, opt_g, args)
+        results.append([p.detach().clone() for p in [*generator.parameters(), *critic.parameters()]])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*results))
+
+
+def test_amp_trains_on_a_cpu(tmp_path, folder):
+    out = run(tmp_path, folder, "--iters", "2", "--sample-every", "0", "--amp")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(math.isfinite(r["loss_critic"]) for r in rows)
