@@ -50,8 +50,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("script", choices=["wgan_mnist", "noise_morph", "wgan_gp_64"])
     p.add_argument("--seconds", type=float, default=60.0, help="training budget (the script's --max-time)")
-    p.add_argument("flags", nargs="*", help="the script's flags, after --")
-    args = p.parse_args()
+    args, flags = p.parse_known_args()
+    args.flags = [f for f in flags if f != "--"]  # the script's flags, after --
     module = importlib.import_module(args.script)
     label_forward(module.Generator, "generator")
     label_forward(module.Critic, "critic")
