@@ -24,7 +24,7 @@ Usage:
     python noise_morph.py --dataset 8gaussians --iters 5000 --seed 1
     python noise_morph.py --dataset 8gaussians --iters 5000 --seed 1 --no-morph        # baseline
     python noise_morph.py --dataset 25gaussians --width 128 --zero-pull 0.1
-    python noise_morph.py --dataset mnist --data ../shared/data --iters 10000 --fid-every 2000 \
+    python noise_morph.py --dataset mnist --data ../shared/data --max-time 10m --fid-every 2000 \
         --fid-weights ../shared/models/weights-inception-2015-12-05-6726825d.pth
     python noise_morph.py --resume runs/<run-name>                  # continue in that folder
     python noise_morph.py --config runs/<run-name>/args.json --seed 2
@@ -52,7 +52,11 @@ swiss roll is written here in numpy: columns 0 and 2 of sklearn's 3-D roll). --z
 over the bounding box of the current real batch (per feature), the seed's "random inputs" option. MNIST is
 held in memory and batches are drawn with the torch RNG (no DataLoader, so no --num-workers; resume is exact).
 No --amp, --image-size, --channels (nothing here uses them). The seed's "smooth noise" idea (clipping) is
-replaced by the wall-distance-scaled softsign step, which never needs clipping.
+replaced by the wall-distance-scaled softsign step, which never needs clipping. On MNIST the nets are
+wgan_mnist.py's time-to-quality winners (its generator with BatchNorm, its penalty critic, width 16, Adam 8e-4,
+the penalty on every 4th critic step; README): metrics, plots and FID use the generator in eval mode (BatchNorm
+running statistics), as wgan_mnist.py samples. SIGINT/SIGTERM stop after the current step with a checkpoint
+(exit 130/143); --max-time ends training as --iters does.
 """
 import argparse
 import json
@@ -79,7 +83,7 @@ except KeyboardInterrupt:  # Ctrl-C while torch loads: no traceback
 SCRIPT = "noise_morph.py"
 TOY = ("8gaussians", "25gaussians", "swissroll")
 # per dataset: width, lambda, latent dim, batch, lr, gp-every
-DEFAULTS = {**{name: (512, 0.1, 2, 256, 1e-4, 1) for name in TOY}, "mnist": (16, 10.0, 128, 64, 8e-4, 2)}
+DEFAULTS = {**{name: (512, 0.1, 2, 256, 1e-4, 1) for name in TOY}, "mnist": (16, 10.0, 128, 64, 8e-4, 4)}
 COVER_SHARE = 0.2
 NOT_FROM_FILES = ("config", "resume", "run_name")  # said on the command line only
 
@@ -114,7 +118,7 @@ def build_parser():
     a("--width", type=int, default=None, help="toy MLP width / mnist base channels (None: 512 toy, 16 mnist)")
     a("--gp-lambda", type=float, default=None, help="gradient penalty weight (None: 0.1 toy, 10 mnist)")
     a("--gp-every", type=int, default=None,
-      help="lazy penalty: only every K-th critic step pays the penalty, weighted lambda * K (None: 1 toy, 2 mnist)")
+      help="lazy penalty: only every K-th critic step pays the penalty, weighted lambda * K (None: 1 toy, 4 mnist)")
     a("--iters", type=int, default=5000, help="generator steps")
     a("--max-time", type=duration, default=None,
       help="wall-clock budget (seconds, or 90s, 30m, 2h): training ends after the step that crosses it")

@@ -68,6 +68,9 @@ IMAGE_SIZES = (32, 64, 128, 256)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 SEED_SCHEDULE = "100:1e-4,300:5e-5,400:rand(2e-5,6e-5),300:2.5e-5,1400:2e-5"
 LOGGED = ("loss_critic", "wasserstein", "gp", "drift", "loss_gen")
+CPU_RECIPE = ("--image-size 32 --g-channels 32 --d-channels 32 --batch-size 16 --critic-its 4 --critic-dropout 0 "
+              "--lr 4e-4 --gp-every 4 --no-augment --max-time 15m")  # bench/RESULTS.md: fish on 2 CPU cores
+CACHE_BYTES = 2 * 2 ** 30  # --cache-images holds at most this much uint8 image data per process
 NOT_FROM_FILES = {"config", "resume", "run_name", "sample", "sample_out"}  # said on the command line only
 
 
@@ -142,7 +145,7 @@ def build_parser():
     a("--log-every", type=int, default=50, help="log metrics every N generator steps")
     a("--num-workers", type=int, default=-1, help="DataLoader workers (-1: min(8, cores - 1))")
     a("--cache-images", action=argparse.BooleanOptionalAction, default=True,
-      help="decode and fit every image once at start and keep it in memory (uint8)")
+      help="decode and fit every image once at start and keep it in memory (uint8; up to 2 GiB)")
     a("--fid-every", type=int, default=0, help="FID/KID of the EMA generator every N steps (0: off)")
     a("--fid-samples", type=int, default=5000, help="images per side for FID/KID")
     a("--fid-weights", help="Inception weights for torch-fidelity (needed offline)")
@@ -960,7 +963,12 @@ def main(argv=None):
         return sample_mode(args, device, ckpt)
     lead = rank == 0
     inception = load_inception(args, device) if args.fid_every and lead else None
-    data = ImageFolder(scan_folder(args.data), args, cache=args.cache_images)
+    files = scan_folder(args.data)
+    cache = args.cache_images and len(files) * args.channels * args.image_size ** 2 <= CACHE_BYTES
+    if args.cache_images and not cache and lead:
+        print(f"{SCRIPT}: not caching {len(files)} images of {args.image_size}px in memory (over "
+              f"{CACHE_BYTES / 2 ** 30:.0f} GiB); they are decoded for every batch")
+    data = ImageFolder(files, args, cache=cache)
     if args.batch_size * world > len(data):
         fail(f"--batch-size {args.batch_size} x {world} process(es) is more than the {len(data)} images in "
              f"{args.data}; use a smaller --batch-size")
@@ -998,6 +1006,9 @@ def main(argv=None):
                                                       indent=2))
         print(f"{SCRIPT}: {len(data)} images, batch {args.batch_size} x {world} process(es) = "
               f"{args.batch_size * world} per critic step, {device}, run folder {run_dir}")
+        if device.type == "cpu" and args.image_size > 32:
+            print(f"{SCRIPT}: {args.image_size}px on a CPU takes hours per recognisable sample; for a first look "
+                  f"try the README's CPU recipe: {CPU_RECIPE}")
     run = RunLog(run_dir, args, start, lead)
     per_epoch = batches.per_epoch * args.batch_size * world
 

@@ -140,7 +140,8 @@ def custom_step(spec, module, generator, critic, opt, real, args, no_grad_gen=Fa
         (grad,) = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)
         gp = (grad.reshape(n, -1).norm(dim=1) - 1).square().mean()
     wasserstein = d_real.mean() - d_fake.mean()
-    loss = -wasserstein + args.gp_lambda * gp
+    # a penalised step of a lazy penalty (--gp-every K) weighs it lambda * K, so its average weight stays lambda
+    loss = -wasserstein + args.gp_lambda * getattr(args, "gp_every", 1) * gp
     if getattr(args, "drift", 0):
         loss = loss + args.drift * d_real.square().mean()
     opt.zero_grad(set_to_none=set_to_none)

@@ -610,3 +610,23 @@ def test_amp_trains_on_a_cpu(tmp_path, folder):
     out = run(tmp_path, folder, "--iters", "2", "--sample-every", "0", "--amp")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(math.isfinite(r["loss_critic"]) for r in rows)
+
+
+def test_cpu_recipe_trains_on_a_mixed_folder(tmp_path, capsys):
+    data = make_folder(tmp_path / "mixed", count=20)
+    Image.fromarray(np.full((33, 47), 90, np.uint8)).save(data / "class_0" / "gray.png")  # grayscale, odd size
+    flags = w.CPU_RECIPE.replace("--max-time 15m", "--iters 3").split()
+    w.main(flags + ["--data", str(data), "--out", str(tmp_path / "runs"), "--run-name", "recipe",
+                    "--num-workers", "0", "--sample-every", "3"])
+    out = capsys.readouterr().out
+    assert "CPU recipe" not in out  # the hint is for runs above 32px only
+    args = json.loads((tmp_path / "runs" / "recipe" / "args.json").read_text())
+    assert (args["image_size"], args["critic_dropout"], args["gp_every"], args["augment"]) == (32, 0, 4, False)
+    records = [json.loads(line) for line in (tmp_path / "runs" / "recipe" / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(math.isfinite(r["loss_critic"]) for r in records)
+    assert (tmp_path / "runs" / "recipe" / "samples" / "iter_000003.png").is_file()
+
+
+def test_cpu_hint_for_large_images_on_a_cpu(tmp_path, folder, capsys):
+    run(tmp_path, folder, "--image-size", "64", "--iters", "1")
+    assert w.CPU_RECIPE in capsys.readouterr().out
