@@ -32,8 +32,8 @@ Departures from the paper and the seed (PyTorch default initialisation throughou
      stride: no checkerboard from uneven overlap; `--upsample nearest` is nearest x2 + 3x3 conv), `--g-width`/
      `--d-width` set the channels: 16/16 with gp, 16/32 with clip; the paper's DCGAN widths are `--g-width 64
      --d-width 64`. In 600 s on one CPU thread the old 64-wide nets made 259 generator steps (FID 278.7 at n = 1000,
-     issue 12's measurement), 32/32 made 1,145 (FID 132.0), 16/16 2,856 (FID 86.3, all at lr 1e-4); 24/24 lost to 16/16 at the final
-     settings (40.6 vs 30.2).
+     issue 12's measurement), 32/32 made 1,145 (FID 132.0), 16/16 2,856 (FID 86.3, all at lr 1e-4); 24/24
+     lost to 16/16 at the final settings (40.6 vs 30.2).
   3. `--critic-warmup` (100 critic steps for generator steps 0..24 and every 500th) is off by default so that
      short runs compare `--critic-its` settings directly; the paper had it on.
   4. Optimizers: RMSprop with torch defaults (alpha 0.99, eps 1e-8, no momentum); `--optimizer adam` uses
