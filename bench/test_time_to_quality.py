@@ -53,8 +53,9 @@ def settings(quick, shared):
 
 def script_arm(name, cfg, flags, out):
     argv = [str(ROOT / f"{cfg['script']}.py"), *flags, "--data", str(cfg["data"]), "--max-time", str(cfg["seconds"]),
-            "--seed", cfg["seed"], "--out", str(out), "--run-name", name, "--sample-every", "0", "--ckpt-every", "0",
-            "--log-every", "100"]
+            "--seed", cfg["seed"], "--out", str(out), "--run-name", name, "--ckpt-every", "0", "--log-every", "100"]
+    if "--sample-every" not in flags:  # sampling is off unless asked for (a long run's progress GIF)
+        argv += ["--sample-every", "0"]
     if "--iters" not in flags:  # flags with --iters compare at equal generator steps (whichever ends first)
         argv += ["--iters", str(10**9)]
     if cfg["script"] == "wgan_gp_64":
