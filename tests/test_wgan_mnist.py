@@ -118,9 +118,9 @@ def test_gp_lambda_zero_skips_the_penalty_pass(lam, passes):
 
 # ---------------------------------------------------------------------------------------- optimizers
 @pytest.mark.parametrize("argv, cls, lr", [
-    ([], torch.optim.RMSprop, 5e-5),
-    (["--optimizer", "adam"], torch.optim.Adam, 5e-5),
-    (["--lr", "5e-4"], torch.optim.RMSprop, 5e-4),
+    ([], torch.optim.RMSprop, 5e-4),
+    (["--optimizer", "adam"], torch.optim.Adam, 5e-4),
+    (["--lr", "5e-5"], torch.optim.RMSprop, 5e-5),
     (["--penalty", "gp"], torch.optim.Adam, 8e-4),
     (["--penalty", "gp", "--optimizer", "rmsprop", "--lr", "3e-4"], torch.optim.RMSprop, 3e-4),
 ])
