@@ -73,7 +73,7 @@ CPU_RECIPE = ("--image-size 32 --g-channels 32 --d-channels 32 --batch-size 16 -
 CACHE_BYTES = 2 * 2 ** 30  # --cache-images holds at most this much uint8 image data per process
 NOT_FROM_FILES = {"config", "resume", "run_name", "sample", "sample_out"}  # said on the command line only
 
-
+# ---------------------------------------------------------------------------------------------- flags
 def fail(message, code=2):
     print(f"{SCRIPT}: error: {message}", file=sys.stderr)
     raise SystemExit(code)
@@ -94,7 +94,7 @@ def duration(text):
 
 def build_parser():
     p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+    a, on_off = p.add_argument, argparse.BooleanOptionalAction
     a("--config", help="JSON or YAML file of flag values (a run's args.json works); command-line flags win")
     a("--data", help="folder of training images (searched recursively: jpg, png, bmp, webp)")
     a("--dataset", help="name used in the run name (default: the data folder's name)")
@@ -105,7 +105,8 @@ def build_parser():
     a("--g-channels", type=int, default=128, help="generator width")
     a("--d-channels", type=int, default=128, help="critic width (doubled from the 4x4 stage on)")
     a("--critic-dropout", type=float, default=0.5, help="dropout after every critic layer")
-    a("--mbstd-group", type=int, default=4, help="minibatch-stddev group size (min(group, batch) is used; 1 = a constant channel, i.e. off)")
+    a("--mbstd-group", type=int, default=4,
+      help="minibatch-stddev group size (min(group, batch) is used; 1 = a constant channel, i.e. off)")
     a("--equalized-lr", action="store_true", help="N(0,1) weights scaled at run time by sqrt(2/fan_in)")
     a("--iters", type=int, default=100_000, help="generator steps")
     a("--max-time", type=duration, help="wall-clock budget (seconds, or 90s, 30m, 2h): training ends after the "
@@ -120,9 +121,9 @@ def build_parser():
       help="lazy penalty: only every K-th critic step pays the penalty, weighted lambda * K")
     a("--drift", type=float, default=0.001, help="weight of mean D(real)^2 (ProGAN's drift term)")
     a("--ema", type=float, default=0.999, help="decay of the generator's moving average (0 disables)")
-    a("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+    a("--ema-warmup", action=on_off, default=True,
       help="decay min(ema, (1+t)/(10+t)) at step t, so early samples are not the random initial weights")
-    a("--augment", action=argparse.BooleanOptionalAction, default=True, help="all augmentation on/off")
+    a("--augment", action=on_off, default=True, help="all augmentation on/off")
     a("--rotation", type=float, default=25.0, help="max rotation in degrees")
     a("--shift-x", type=float, default=0.05, help="max horizontal shift, fraction of width")
     a("--shift-y", type=float, default=0.1, help="max vertical shift, fraction of height")
@@ -130,7 +131,7 @@ def build_parser():
     a("--zoom", type=float, nargs=2, default=(0.95, 1.2),
       help="Keras zoom range, one factor for both axes (1 1 disables)")
     a("--brightness", type=float, nargs=2, default=(0.8, 1.4), help="brightness factor range (1 1 disables)")
-    a("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips")
+    a("--hflip", action=on_off, default=True, help="random horizontal flips")
     a("--color-gain", type=float, default=0.4, help="per-channel gain ~ triangular(1-g, 1+g, mode 1)")
     a("--seed", type=int, default=1, help="random seed")
     a("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
@@ -144,7 +145,7 @@ def build_parser():
     a("--ckpt-every", type=int, default=1000, help="write ckpt/last.pt every N generator steps (0: end only)")
     a("--log-every", type=int, default=50, help="log metrics every N generator steps")
     a("--num-workers", type=int, default=-1, help="DataLoader workers (-1: min(8, cores - 1))")
-    a("--cache-images", action=argparse.BooleanOptionalAction, default=True,
+    a("--cache-images", action=on_off, default=True,
       help="decode and fit every image once at start and keep it in memory (uint8; up to 2 GiB)")
     a("--fid-every", type=int, default=0, help="FID/KID of the EMA generator every N steps (0: off)")
     a("--fid-samples", type=int, default=5000, help="images per side for FID/KID")
@@ -164,7 +165,7 @@ def parse_args(argv=None):
         args.resume = str(checkpoint_file(args.resume))
         tokens += as_flags(load_checkpoint(args.resume)["args"], f"--resume {args.resume}", parser)
     if args.config:
-        tokens += as_flags(load_config(args.config), f"--config {args.config}", parser)
+        tokens += as_flags(read_config(args.config), f"--config {args.config}", parser)
     if tokens:
         resume = args.resume
         args = parser.parse_args(tokens + argv)
@@ -185,24 +186,22 @@ def as_flags(values, source, parser):
     tokens = []
     for key, value in values.items():
         action = actions[str(key).replace("-", "_")]
-        flag = action.option_strings[0]
+        flag, switch = action.option_strings[0], isinstance(action, argparse.BooleanOptionalAction)
         if action.dest in NOT_FROM_FILES or value is None:
             continue
-        if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)) and \
-                not isinstance(value, bool):
+        if (switch or isinstance(action, argparse._StoreTrueAction)) and not isinstance(value, bool):
             fail(f"{source}: {flag} takes true or false, got {value!r}")
-        if isinstance(action, argparse.BooleanOptionalAction):
+        if switch:
             tokens.append(flag if value else "--no-" + flag[2:])
         elif isinstance(action, argparse._StoreTrueAction):
             tokens += [flag] if value else []
-        elif action.nargs:
-            tokens += [flag, *map(str, value if isinstance(value, (list, tuple)) else [value])]
         else:
-            tokens += [flag, str(value)]
+            many = action.nargs and isinstance(value, (list, tuple))
+            tokens += [flag, *map(str, value if many else [value])]
     return tokens
 
 
-def load_config(path):
+def read_config(path):
     try:
         text = Path(path).read_text()
     except OSError as e:
@@ -387,25 +386,25 @@ class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, files, args, augment=True, cache=False):
         self.files, self.args, self.images = list(files), args, None
         self.augment = build_augment(args) if augment else None
-        if cache:
-            kept, images = [], []
-            for path in self.files:
-                try:
-                    images.append(self.fit(path))
-                    kept.append(path)
-                except OSError:  # truncated after a valid header
-                    pass
-            if not kept:
-                fail(f"--data {args.data}: none of its {len(self.files)} images decodes (truncated files?)")
-            if len(kept) < len(self.files):
-                print(f"{SCRIPT}: skipped {len(self.files) - len(kept)} image file(s) that do not decode "
-                      f"(truncated?) of {len(self.files)}")
-            self.files, self.images = kept, torch.stack(images)
-        else:
+        if not cache:
             try:
                 self.uint8(0)
             except RuntimeError as e:
                 fail(f"--data {args.data}: {e} (truncated files?)")
+            return
+        kept, images = [], []
+        for path in self.files:
+            try:
+                images.append(self.fit(path))
+                kept.append(path)
+            except OSError:  # truncated after a valid header
+                pass
+        if not kept:
+            fail(f"--data {args.data}: none of its {len(self.files)} images decodes (truncated files?)")
+        if len(kept) < len(self.files):
+            print(f"{SCRIPT}: skipped {len(self.files) - len(kept)} image file(s) that do not decode "
+                  f"(truncated?) of {len(self.files)}")
+        self.files, self.images = kept, torch.stack(images)
 
     def __len__(self):
         return len(self.files)
@@ -454,6 +453,29 @@ class Batches:
             epoch, skip = epoch + 1, 0
 
 
+def load_data(args, world, lead):
+    """The folder's images, decoded once into memory when they fit in CACHE_BYTES."""
+    files = scan_folder(args.data)
+    cache = args.cache_images and len(files) * args.channels * args.image_size ** 2 <= CACHE_BYTES
+    if args.cache_images and not cache and lead:
+        print(f"{SCRIPT}: not caching {len(files)} images of {args.image_size}px in memory (over "
+              f"{CACHE_BYTES / 2 ** 30:.0f} GiB); they are decoded for every batch")
+    data = ImageFolder(files, args, cache=cache)
+    if args.batch_size * world > len(data):
+        fail(f"--batch-size {args.batch_size} x {world} process(es) is more than the {len(data)} images in "
+             f"{args.data}; use a smaller --batch-size")
+    return data
+
+
+def make_loader(data, args, rank, world, images_seen, device):
+    """An endless iterator of real batches that starts where `images_seen` left off; and images per epoch."""
+    batches = Batches(data, args.batch_size, args.seed, rank, world, images_seen // (args.batch_size * world))
+    workers = args.num_workers if args.num_workers >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
+    loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=workers,
+                                         pin_memory=device.type == "cuda", generator=torch.Generator())
+    return iter(loader), batches.per_epoch * args.batch_size * world  # own generator: leaves the global RNG alone
+
+
 # --------------------------------------------------------------------------------------------- models
 class Scaled(nn.Module):
     """Weight of fan-in `fan_in`: He-initialised, or with --equalized-lr N(0, 1) times gain/sqrt(fan_in) at run time."""
@@ -493,7 +515,7 @@ class Dense(Scaled):
 
 
 def pixel_norm(x, eps=1e-8):
-    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + eps)
+    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + eps)  # unit mean square over channels
 
 
 class PixelNorm(nn.Module):
@@ -501,18 +523,25 @@ class PixelNorm(nn.Module):
         return pixel_norm(x)
 
 
+def conv_block(cin, cout, k, after, stride=1, equalized=False):
+    """A conv and what follows each conv of its net: pixel norm + LeakyReLU (generator), LeakyReLU + dropout
+    (critic). Layers, not a module, so that the nets' parameter names stay flat (net.2.weight)."""
+    return [Conv(cin, cout, k, stride, equalized=equalized), *after()]
+
+
 def minibatch_stddev(x, group_size=4, groups=1):
     """ProGAN's minibatch stddev as one extra channel, computed within each of `groups` equal parts of the
     batch (real, fake and interpolates go through one pass but are never mixed). Groups take strided members."""
     n, c, h, w = x.shape
-    per = n // groups
-    g = min(group_size, per)
+    per = n // groups  # images per part
+    g = min(group_size, per)  # members per statistics group
     if per * groups != n or per % g:
         raise ValueError(f"minibatch stddev: a batch of {per} is not a multiple of the group size {g}")
-    y = x.float().reshape(groups, g, per // g, c, h, w)
-    std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(2, 3, 4))  # [groups, per // g]
+    y = x.float().reshape(groups, g, per // g, c, h, w)  # [parts, g, M, C, H, W]: member k of group m at k*M + m
+    std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt()  # [parts, M, C, H, W]
+    std = std.mean(dim=(2, 3, 4))  # [parts, M]: one number per group
     std = std.to(x.dtype).view(groups, 1, per // g, 1, 1, 1).expand(groups, g, per // g, 1, h, w)
-    return torch.cat([x, std.reshape(n, 1, h, w)], dim=1)
+    return torch.cat([x, std.reshape(n, 1, h, w)], dim=1)  # [N, C + 1, H, W]
 
 
 class Generator(nn.Module):
@@ -523,18 +552,22 @@ class Generator(nn.Module):
         c, eq = args.g_channels, args.equalized_lr
         self.c = c
         self.fc = Dense(args.latent_dim, c * 8 * 8, equalized=eq)
-        act = [PixelNorm(), nn.LeakyReLU(0.2)]
-        layers = act + [Conv(c, c, 5, equalized=eq), *act, Conv(c, c, 4, equalized=eq), *act]
+
+        def after():
+            return [PixelNorm(), nn.LeakyReLU(0.2)]
+
+        layers = [*after(), *conv_block(c, c, 5, after, equalized=eq), *conv_block(c, c, 4, after, equalized=eq)]
         doublings = int(math.log2(args.image_size // 8))
         for i in range(doublings):
             layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
             for _ in range(2 if i == doublings - 2 else 1):
-                layers += [Conv(c, c, 5, equalized=eq), *act]
+                layers += conv_block(c, c, 5, after, equalized=eq)
         layers += [Conv(c, args.channels, 5, gain=1.0, equalized=eq), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
-    def forward(self, z):
-        return self.net(self.fc(pixel_norm(z)).view(-1, self.c, 8, 8))
+    def forward(self, z):  # z: [N, latent]
+        x = self.fc(pixel_norm(z)).view(-1, self.c, 8, 8)  # [N, c, 8, 8]
+        return self.net(x)  # [N, channels, S, S] in [-1, 1]
 
 
 class Critic(nn.Module):
@@ -544,20 +577,24 @@ class Critic(nn.Module):
         super().__init__()
         c, eq, p = args.d_channels, args.equalized_lr, args.critic_dropout
         self.group_size = args.mbstd_group
-        act = [nn.LeakyReLU(0.2)] + ([nn.Dropout(p)] if p else [])
-        layers, res, cin = [Conv(args.channels, c, 5, equalized=eq), *act], args.image_size, c
+
+        def after():
+            return [nn.LeakyReLU(0.2)] + ([nn.Dropout(p)] if p else [])
+
+        layers, res, cin = conv_block(args.channels, c, 5, after, equalized=eq), args.image_size, c
         while res > 4:
             res, cout = res // 2, (2 * c if res == 8 else c)
-            layers += [Conv(cin, cout, 4, stride=2, equalized=eq), *act]
+            layers += conv_block(cin, cout, 4, after, stride=2, equalized=eq)  # [N, cout, res, res]
             cin = cout
             if res in (16, 4):
-                layers += [Conv(cin, cin, 3, equalized=eq), *act]
+                layers += conv_block(cin, cin, 3, after, equalized=eq)
         self.features = nn.Sequential(*layers)
         self.head = Dense((cin + 1) * 16, 1, gain=1.0, equalized=eq)
 
-    def forward(self, x, groups=1):
-        x = minibatch_stddev(self.features(x), self.group_size, groups)
-        return self.head(x.flatten(1)).squeeze(1)
+    def forward(self, x, groups=1):  # x: [N, channels, S, S]
+        x = self.features(x)  # [N, 2c, 4, 4]
+        x = minibatch_stddev(x, self.group_size, groups)  # [N, 2c + 1, 4, 4]
+        return self.head(x.flatten(1)).squeeze(1)  # [N]
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -573,6 +610,7 @@ def gradient_penalty(critic, real, fake):
     return (grad.flatten(1).norm(dim=1) - 1).square().mean()
 
 
+# ---------------------------------------------------------------------------------- one-step functions
 def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -635,6 +673,211 @@ def update_ema(ema, generator, decay):
     torch._foreach_add_(ema_params, params, alpha=1 - decay)
 
 
+def build_nets(args, device):
+    """Generator, critic, EMA and their Adams, from the seed (identical initial weights on every rank)."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    memory = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    generator = Generator(args).to(device, memory_format=memory)
+    critic = Critic(args).to(device, memory_format=memory)
+    adam = dict(lr=args.lr, betas=tuple(args.betas), eps=1e-8, fused=device.type == "cuda")
+    return argparse.Namespace(
+        generator=generator, critic=critic, memory=memory, stats={"gp": torch.zeros((), device=device)},
+        ema=copy.deepcopy(generator).eval().requires_grad_(False) if args.ema else None,
+        opt_g=torch.optim.Adam(generator.parameters(), **adam), opt_d=torch.optim.Adam(critic.parameters(), **adam))
+
+
+def train_step(nets, loader, iteration, lr, args, device):
+    """Generator step `iteration` (1-based): its critic steps on fresh batches (the penalty on every
+    --gp-every-th), the generator update and the EMA. Returns the losses to log, on the device."""
+    for group in nets.opt_g.param_groups + nets.opt_d.param_groups:
+        group["lr"] = lr
+    for j in range(args.critic_its):
+        real = next(loader).to(device, non_blocking=True, memory_format=nets.memory)
+        penalize = ((iteration - 1) * args.critic_its + j) % args.gp_every == 0
+        nets.stats.update(critic_step(nets.generator, nets.critic, nets.opt_d, real, args, penalize))
+    nets.stats.update(generator_step(nets.generator, nets.critic, nets.opt_g, args))
+    if nets.ema is not None:
+        decay = min(args.ema, iteration / (iteration + 9)) if args.ema_warmup else args.ema
+        update_ema(nets.ema, nets.generator, decay)
+    return torch.stack([nets.stats[k] for k in LOGGED])
+
+
+class Meter:
+    """Sums of the logged losses since the last log line and the first non-finite step, kept on the device:
+    the host waits for them only at log and checkpoint steps."""
+
+    def __init__(self, device):
+        self.sums, self.count, self.since = torch.zeros(len(LOGGED), device=device), 0, time.time()
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def add(self, iteration, values):
+        self.sums, self.count = self.sums + values, self.count + 1
+        self.first_bad = torch.where((self.first_bad < 0) & ~values.isfinite().all(), iteration, self.first_bad)
+
+    def bad_step(self, device, world):
+        """The first non-finite step over all ranks, or None."""
+        bad = agree(float(self.first_bad) if self.first_bad >= 0 else math.inf, device, world, dist.ReduceOp.MIN)
+        return None if bad == math.inf else int(bad)
+
+    def record(self, now, images_per_step):
+        means = dict(zip(LOGGED, (self.sums / self.count).tolist()))
+        rate = self.count * images_per_step / (now - self.since)
+        self.sums, self.count, self.since = torch.zeros_like(self.sums), 0, now
+        return {**means, "images_per_s": rate}
+
+
+# ------------------------------------------------------------------------------------- images and FID
+@torch.no_grad()
+def generate(generator, z, batch=256):
+    return torch.cat([generator(part).float().clamp(-1, 1).cpu() for part in z.split(batch)])
+
+
+def noise(n, args, device, offset):
+    """Latents for figures and FID from their own seeded stream: drawing them leaves the training RNG alone."""
+    return torch.randn(n, args.latent_dim, generator=torch.Generator().manual_seed(args.seed + offset)).to(device)
+
+
+def to_uint8_rgb(x):
+    x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def save_grid(images, path, nrow=8):
+    save_image(images, path, nrow=nrow, normalize=True, value_range=(-1, 1))
+
+
+def slerp(a, b, t):
+    omega = torch.arccos((a / a.norm() * b / b.norm()).sum().clamp(-1, 1))
+    if omega < 1e-6:
+        return torch.lerp(a, b, t)
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+def write_interpolation(generator, args, path, device):
+    """4 x 10 walk around a loop through four latent points (row k goes from point k to point k+1)."""
+    points = noise(4, args, "cpu", 1)
+    ts = torch.linspace(0, 1, 10)
+    z = torch.stack([slerp(points[k], points[(k + 1) % 4], t) for k in range(4) for t in ts]).to(device)
+    save_grid(generate(generator, z), path, nrow=10)
+
+
+def write_nearest_neighbours(generator, data, args, path, device, count=256):
+    """Histogram of RMS pixel distances to the nearest neighbour: real-real, fake-fake and fake-to-real.
+    Fake-to-real far below real-real means the generator copies training images."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    count = min(count, len(data))
+    real = torch.stack([data.uint8(i) for i in np.linspace(0, len(data) - 1, count).astype(int)])
+    real = (real.float() / 127.5 - 1).flatten(1)
+    fake = generate(generator, noise(count, args, device, 3)).flatten(1)
+    scale = math.sqrt(real.shape[1])
+
+    def nearest(a, b, same):
+        d = torch.cdist(a.double(), b.double())
+        if same:
+            d.fill_diagonal_(float("inf"))
+        return (d.min(dim=1).values / scale).numpy()
+
+    distances = {"real-real": nearest(real, real, True), "fake-fake": nearest(fake, fake, True),
+                 "fake-real": nearest(fake, real, False)}
+    bins = np.linspace(min(map(np.min, distances.values())), max(map(np.max, distances.values())), 41)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, d in distances.items():
+        ax.hist(d, bins=bins, alpha=0.5, label=f"{name} (median {np.median(d):.3f})")
+    ax.set(xlabel="RMS pixel distance to nearest neighbour ([-1, 1] scale)", ylabel="images",
+           title=f"nearest neighbours, {count} real and {count} generated")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_gif(sample_dir, path):
+    frames = [Image.open(p) for p in sorted(Path(sample_dir).glob("iter_*.png"))]
+    if frames:
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=200, loop=0)
+
+
+def load_inception(args, device):
+    """torch-fidelity's FID Inception, built at start so that a missing torch-fidelity or bad --fid-weights stops
+    the run before training; on a CPU in channels_last (its NHWC kernels measured 1.3x faster there)."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError:
+        fail("--fid-every needs torch-fidelity (pip install torch-fidelity)")
+    if args.fid_weights and not Path(args.fid_weights).is_file():
+        fail(f"--fid-weights {args.fid_weights}: no such file; give torch-fidelity's Inception weights")
+    try:
+        with torch.random.fork_rng(devices=[]):  # its layers' initialisation must not move the training RNG
+            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                              feature_extractor_weights_path=args.fid_weights)
+    except Exception as e:
+        fail(f"--fid-weights {args.fid_weights}: not torch-fidelity's Inception weights ({type(e).__name__})")
+    cpu = device.type == "cpu"
+    return net.eval().to(device, memory_format=torch.channels_last if cpu else torch.preserve_format)
+
+
+@torch.no_grad()
+def inception_features(inception, images, device):
+    """Pool features [n, 2048] of uint8 [n, C, H, W] images, in batches of 25 on a CPU (faster there than 100)."""
+    chunks = (images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images).split(25 if device.type == "cpu"
+                                                                                        else 250)
+    return torch.cat([inception(chunk.to(device))[0].cpu() for chunk in chunks])
+
+
+def compute_fid(inception, generator, data, args, device):
+    """FID and KID (torch-fidelity's metric code) of the generator against up to --fid-samples training images
+    (fitted, not augmented), whose features are cached under --out."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    n = min(args.fid_samples, len(data))
+    key = hashlib.sha1(f"{Path(args.data).resolve()}|{args.image_size}|{args.channels}|{args.fit}|{n}".encode())
+    cache = Path(args.out) / ".fid_cache" / f"real-{key.hexdigest()[:16]}.pt"
+    if cache.is_file():
+        real = torch.load(cache)
+    else:
+        picks = np.linspace(0, len(data) - 1, n).astype(int)
+        real = inception_features(inception, torch.stack([data.uint8(i) for i in picks]), device)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(real, cache)
+    fake = inception_features(inception, to_uint8_rgb(generate(generator, noise(n, args, device, 7))), device)
+    fid = fid_statistics_to_metric(fid_features_to_statistics(fake), fid_features_to_statistics(real), False)
+    kid = kid_features_to_metric(fake, real, kid_subset_size=min(1000, n), verbose=False)
+    return {"fid": fid["frechet_inception_distance"], "kid": kid["kernel_inception_distance_mean"], "fid_n": n}
+
+
+def write_figures(generator, data, args, run_dir, device):
+    """The end of a run: the progress GIF, the interpolation walk, the nearest-neighbour histogram."""
+    write_gif(run_dir / "samples", run_dir / "progress.gif")
+    write_interpolation(generator, args, run_dir / "interpolation.png", device)
+    try:
+        write_nearest_neighbours(generator, data, args, run_dir / "nearest_neighbours.png", device)
+    except ImportError:
+        print(f"{SCRIPT}: matplotlib is not installed; skipped nearest_neighbours.png")
+
+
+def sample_mode(args, device, ckpt):
+    """--sample N: N PNGs from a checkpoint's EMA generator (or its generator), for any FID tool."""
+    generator = Generator(args).to(device)
+    generator.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["generator"])
+    generator.eval()
+    out = Path(args.sample_out) if args.sample_out else Path(args.resume).parent.parent / "generated"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--sample-out: cannot create {out} ({e.strerror or type(e).__name__})")
+    z = torch.randn(args.sample, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
+    written = 0
+    for part in z.split(256):
+        for img in generate(generator, part.to(device)):
+            save_image(img, out / f"{written:06d}.png", normalize=True, value_range=(-1, 1))
+            written += 1
+    print(f"wrote {written} images to {out}")
+
+
 # ------------------------------------------------------------------------------ run folder and checkpoint
 def rng_state():
     np_state = np.random.get_state()
@@ -653,11 +896,26 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, state):
+def settings(args):
+    return {k: v for k, v in vars(args).items() if k != "resume"}
+
+
+def save_checkpoint(path, nets, args, iteration, images_seen, world):
+    """Nets, optimizers, progress, every rank's RNG (gathered under torchrun) and the settings; rank 0 writes
+    them to a temporary file that replaces `path` only when complete."""
+    rngs = [rng_state()]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state())
+        if dist.get_rank() != 0:
+            return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        torch.save({"generator": nets.generator.state_dict(), "critic": nets.critic.state_dict(),
+                    "ema": nets.ema.state_dict() if nets.ema is not None else None,
+                    "opt_generator": nets.opt_g.state_dict(), "opt_critic": nets.opt_d.state_dict(),
+                    "iteration": iteration, "images_seen": images_seen, "rng": rngs, "args": settings(args)}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -704,7 +962,9 @@ def open_run_folder(args, lead):
     """The checkpoint's folder when resuming, else a new <out>/<run name> that must not hold a run already."""
     if args.resume:
         return Path(args.resume).parent.parent
-    run_dir = Path(args.out) / args.run_name
+    args.dataset = args.dataset or Path(args.data).resolve().name
+    name = args.run_name or f"{Path(SCRIPT).stem}__{args.dataset}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.out) / name
     if lead and (run_dir / "args.json").exists():
         fail(f"--run-name: {run_dir} already holds a run; pass --resume {run_dir} to continue it, or another "
              "--run-name")
@@ -787,126 +1047,10 @@ def agree(value, device, world, op):
     return t.item()
 
 
-# ------------------------------------------------------------------------------------------- artifacts
-@torch.no_grad()
-def generate(generator, z, batch=256):
-    return torch.cat([generator(part).float().clamp(-1, 1).cpu() for part in z.split(batch)])
-
-
-def noise(n, args, device, offset):
-    """Latents for figures and FID from their own seeded stream: drawing them leaves the training RNG alone."""
-    return torch.randn(n, args.latent_dim, generator=torch.Generator().manual_seed(args.seed + offset)).to(device)
-
-
-def to_uint8_rgb(x):
-    x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-
-
-def slerp(a, b, t):
-    omega = torch.arccos((a / a.norm() * b / b.norm()).sum().clamp(-1, 1))
-    if omega < 1e-6:
-        return torch.lerp(a, b, t)
-    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
-
-
-def write_interpolation(generator, args, path, device):
-    """4 x 10 walk around a loop through four latent points (row k goes from point k to point k+1)."""
-    points = noise(4, args, "cpu", 1)
-    ts = torch.linspace(0, 1, 10)
-    z = torch.stack([slerp(points[k], points[(k + 1) % 4], t) for k in range(4) for t in ts]).to(device)
-    save_image(generate(generator, z), path, nrow=10, normalize=True, value_range=(-1, 1))
-
-
-def write_nearest_neighbours(generator, data, args, path, device, count=256):
-    """Histogram of RMS pixel distances to the nearest neighbour: real-real, fake-fake and fake-to-real.
-    Fake-to-real far below real-real means the generator copies training images."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    count = min(count, len(data))
-    real = torch.stack([data.uint8(i) for i in np.linspace(0, len(data) - 1, count).astype(int)])
-    real = (real.float() / 127.5 - 1).flatten(1)
-    fake = generate(generator, noise(count, args, device, 3)).flatten(1)
-    scale = math.sqrt(real.shape[1])
-
-    def nearest(a, b, same):
-        d = torch.cdist(a.double(), b.double())
-        if same:
-            d.fill_diagonal_(float("inf"))
-        return (d.min(dim=1).values / scale).numpy()
-
-    distances = {"real-real": nearest(real, real, True), "fake-fake": nearest(fake, fake, True),
-                 "fake-real": nearest(fake, real, False)}
-    bins = np.linspace(min(map(np.min, distances.values())), max(map(np.max, distances.values())), 41)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, d in distances.items():
-        ax.hist(d, bins=bins, alpha=0.5, label=f"{name} (median {np.median(d):.3f})")
-    ax.set(xlabel="RMS pixel distance to nearest neighbour ([-1, 1] scale)", ylabel="images",
-           title=f"nearest neighbours, {count} real and {count} generated")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_gif(sample_dir, path):
-    frames = [Image.open(p) for p in sorted(Path(sample_dir).glob("iter_*.png"))]
-    if frames:
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=200, loop=0)
-
-
-def load_inception(args, device):
-    """torch-fidelity's FID Inception, built at start so that a missing torch-fidelity or bad --fid-weights stops
-    the run before training; on a CPU in channels_last (its NHWC kernels measured 1.3x faster there)."""
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except ImportError:
-        fail("--fid-every needs torch-fidelity (pip install torch-fidelity)")
-    if args.fid_weights and not Path(args.fid_weights).is_file():
-        fail(f"--fid-weights {args.fid_weights}: no such file; give torch-fidelity's Inception weights")
-    try:
-        with torch.random.fork_rng(devices=[]):  # its layers' initialisation must not move the training RNG
-            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                              feature_extractor_weights_path=args.fid_weights)
-    except Exception as e:
-        fail(f"--fid-weights {args.fid_weights}: not torch-fidelity's Inception weights ({type(e).__name__})")
-    cpu = device.type == "cpu"
-    return net.eval().to(device, memory_format=torch.channels_last if cpu else torch.preserve_format)
-
-
-@torch.no_grad()
-def inception_features(inception, images, device):
-    """Pool features [n, 2048] of uint8 [n, C, H, W] images, in batches of 25 on a CPU (faster there than 100)."""
-    chunks = to_uint8_rgb(images.float() / 127.5 - 1).split(25 if device.type == "cpu" else 250)
-    return torch.cat([inception(chunk.to(device))[0].cpu() for chunk in chunks])
-
-
-def compute_fid(inception, generator, data, args, device):
-    """FID and KID (torch-fidelity's metric code) of the generator against up to --fid-samples training images
-    (fitted, not augmented), whose features are cached under --out."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.metric_kid import kid_features_to_metric
-    n = min(args.fid_samples, len(data))
-    key = hashlib.sha1(f"{Path(args.data).resolve()}|{args.image_size}|{args.channels}|{args.fit}|{n}".encode())
-    cache = Path(args.out) / ".fid_cache" / f"real-{key.hexdigest()[:16]}.pt"
-    if cache.is_file():
-        real = torch.load(cache)
-    else:
-        picks = np.linspace(0, len(data) - 1, n).astype(int)
-        real = inception_features(inception, torch.stack([data.uint8(i) for i in picks]), device)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(real, cache)
-    fake = generate(generator, noise(n, args, device, 7))
-    fake = inception_features(inception, ((fake + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), device)
-    fid = fid_statistics_to_metric(fid_features_to_statistics(fake), fid_features_to_statistics(real), False)
-    kid = kid_features_to_metric(fake, real, kid_subset_size=min(1000, n), verbose=False)
-    return {"fid": fid["frechet_inception_distance"], "kid": kid["kernel_inception_distance_mean"], "fid_n": n}
-
-
 # ------------------------------------------------------------------------------------------------ main
-def setup_device(args):
-    """The device, and this process's rank and the world size (under torchrun: NCCL on CUDA, gloo on CPU)."""
+def setup(args):
+    """The device, this process's rank and the world size (under torchrun: NCCL on CUDA, gloo on CPU), and
+    the precision and determinism switches."""
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA device is visible; use --device cpu")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -916,155 +1060,71 @@ def setup_device(args):
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return device, rank, world
-
-
-def sample_mode(args, device, ckpt):
-    generator = Generator(args).to(device)
-    generator.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["generator"])
-    generator.eval()
-    out = Path(args.sample_out) if args.sample_out else Path(args.resume).parent.parent / "generated"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--sample-out: cannot create {out} ({e.strerror or type(e).__name__})")
-    z = torch.randn(args.sample, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    written = 0
-    for part in z.split(256):
-        for img in generate(generator, part.to(device)):
-            save_image(img, out / f"{written:06d}.png", normalize=True, value_range=(-1, 1))
-            written += 1
-    print(f"wrote {written} images to {out}")
-
-
-def train_step(nets, loader, iteration, lr, args, device, memory):
-    """Generator step `iteration` (1-based): its critic steps on fresh batches (the penalty on every
-    --gp-every-th), the generator update and the EMA. Returns the losses to log."""
-    for group in nets.opt_g.param_groups + nets.opt_d.param_groups:
-        group["lr"] = lr
-    for j in range(args.critic_its):
-        real = next(loader).to(device, non_blocking=True, memory_format=memory)
-        penalize = ((iteration - 1) * args.critic_its + j) % args.gp_every == 0
-        nets.stats.update(critic_step(nets.generator, nets.critic, nets.opt_d, real, args, penalize))
-    nets.stats.update(generator_step(nets.generator, nets.critic, nets.opt_g, args))
-    if nets.ema is not None:
-        decay = min(args.ema, iteration / (iteration + 9)) if args.ema_warmup else args.ema
-        update_ema(nets.ema, nets.generator, decay)
-    return torch.stack([nets.stats[k] for k in LOGGED])
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    device, rank, world = setup_device(args)
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if args.sample:
-        if ckpt is None:
-            fail("--sample needs --resume CHECKPOINT (or run folder) to sample from")
-        return sample_mode(args, device, ckpt)
-    lead = rank == 0
-    inception = load_inception(args, device) if args.fid_every and lead else None
-    files = scan_folder(args.data)
-    cache = args.cache_images and len(files) * args.channels * args.image_size ** 2 <= CACHE_BYTES
-    if args.cache_images and not cache and lead:
-        print(f"{SCRIPT}: not caching {len(files)} images of {args.image_size}px in memory (over "
-              f"{CACHE_BYTES / 2 ** 30:.0f} GiB); they are decoded for every batch")
-    data = ImageFolder(files, args, cache=cache)
-    if args.batch_size * world > len(data):
-        fail(f"--batch-size {args.batch_size} x {world} process(es) is more than the {len(data)} images in "
-             f"{args.data}; use a smaller --batch-size")
-    args.dataset = args.dataset or Path(args.data).resolve().name
-    args.run_name = args.run_name or f"{Path(SCRIPT).stem}__{args.dataset}__{args.seed}__{int(time.time())}"
-    run_dir = open_run_folder(args, lead)
-    args.run_name = run_dir.name
     if args.torch_deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not args.torch_deterministic
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    memory = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    generator = Generator(args).to(device, memory_format=memory)
-    critic = Critic(args).to(device, memory_format=memory)
-    ema = copy.deepcopy(generator).eval().requires_grad_(False) if args.ema else None
-    adam = dict(lr=args.lr, betas=tuple(args.betas), eps=1e-8, fused=device.type == "cuda")
-    nets = argparse.Namespace(generator=generator, critic=critic, ema=ema, stats={"gp": torch.zeros((), device=device)},
-                              opt_g=torch.optim.Adam(generator.parameters(), **adam),
-                              opt_d=torch.optim.Adam(critic.parameters(), **adam))
+    return device, rank, world
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, rank, world = setup(args)
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if args.sample:
+        if ckpt is None:
+            fail("--sample needs --resume CHECKPOINT (or run folder) to sample from")
+        return sample_mode(args, device, ckpt)
+    lead, batch = rank == 0, args.batch_size * world  # batch: real images per critic step, all processes
+    inception = load_inception(args, device) if args.fid_every and lead else None
+    data = load_data(args, world, lead)
+    run_dir = open_run_folder(args, lead)
+    args.run_name, ckpt_path = run_dir.name, run_dir / "ckpt" / "last.pt"
+    nets = build_nets(args, device)
+    shown = nets.ema if nets.ema is not None else nets.generator  # what grids, figures and FIDs show
     torch.manual_seed(args.seed + rank)  # different noise per rank
     start, images_seen = restore(ckpt, nets, args, rank, world) if ckpt else (0, 0)
     stages = parse_schedule(args.lr_schedule) if args.lr_schedule else None
-    batches = Batches(data, args.batch_size, args.seed, rank, world, images_seen // (args.batch_size * world))
-    workers = args.num_workers if args.num_workers >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
-    loader = iter(torch.utils.data.DataLoader(
-        data, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
-        generator=torch.Generator()))  # its own generator: creating the loader must not draw from the global RNG
+    loader, per_epoch = make_loader(data, args, rank, world, images_seen, device)
     fixed_z = noise(64, args, device, 0)
     if lead:
-        (run_dir / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "resume"},
-                                                      indent=2))
-        print(f"{SCRIPT}: {len(data)} images, batch {args.batch_size} x {world} process(es) = "
-              f"{args.batch_size * world} per critic step, {device}, run folder {run_dir}")
+        (run_dir / "args.json").write_text(json.dumps(settings(args), indent=2))
+        print(f"{SCRIPT}: {len(data)} images, batch {args.batch_size} x {world} process(es) = {batch} per critic "
+              f"step, {device}, run folder {run_dir}")
         if device.type == "cpu" and args.image_size > 32:
             print(f"{SCRIPT}: {args.image_size}px on a CPU takes hours per recognisable sample; for a first look "
                   f"try the README's CPU recipe: {CPU_RECIPE}")
-    run = RunLog(run_dir, args, start, lead)
-    per_epoch = batches.per_epoch * args.batch_size * world
-
-    def checkpoint(iteration):
-        rngs = [rng_state()]
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
-        if lead:
-            save_checkpoint(run_dir / "ckpt" / "last.pt", {
-                "generator": generator.state_dict(), "critic": critic.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None, "opt_generator": nets.opt_g.state_dict(),
-                "opt_critic": nets.opt_d.state_dict(), "iteration": iteration, "images_seen": images_seen,
-                "rng": rngs, "args": {k: v for k, v in vars(args).items() if k != "resume"}})
-
-    totals, logged = torch.zeros(len(LOGGED), device=device), 0
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    t_start = t_log = time.time()
+    run, meter = RunLog(run_dir, args, start, lead), Meter(device)
+    t_start = time.time()
     deadline, stop, iteration = t_start + args.max_time if args.max_time else None, 0, start
     try:
         with StopSignals() as signals:
             while iteration < args.iters and not stop:
                 iteration += 1
                 lr = lr_at(stages, images_seen // per_epoch) if stages else args.lr
-                values = train_step(nets, loader, iteration, lr, args, device, memory)
-                images_seen += args.critic_its * args.batch_size * world
-                totals, logged = totals + values, logged + 1
-                first_bad = torch.where((first_bad < 0) & ~values.isfinite().all(), iteration, first_bad)
+                meter.add(iteration, train_step(nets, loader, iteration, lr, args, device))
+                images_seen += args.critic_its * batch
                 now = time.time()
                 stop = int(agree(2.0 if signals.received else float(bool(deadline and now >= deadline)), device,
                                  world, dist.ReduceOp.MAX))  # 1: on time, 2: a signal; every rank stops together
                 last = iteration == args.iters or stop
                 fid_due = args.fid_every and (iteration % args.fid_every == 0 or last) and stop != 2
                 ckpt_due = (args.ckpt_every and iteration % args.ckpt_every == 0) or last or fid_due
-                if iteration % args.log_every == 0 or ckpt_due:
-                    bad = agree(float(first_bad) if first_bad >= 0 else math.inf, device, world, dist.ReduceOp.MIN)
-                    if bad < math.inf:  # the first non-finite step over all ranks
-                        last_good = run_dir / "ckpt" / "last.pt"
-                        kept = f"the last good checkpoint is {last_good}" if last_good.exists() else \
-                            "no checkpoint was written yet"
-                        run.close()
-                        fail(f"non-finite loss at iteration {int(bad)}; training stopped, {kept}", code=1)
+                if (iteration % args.log_every == 0 or ckpt_due) and (bad := meter.bad_step(device, world)):
+                    run.close()
+                    kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else \
+                        "no checkpoint was written yet"
+                    fail(f"non-finite loss at iteration {bad}; training stopped, {kept}", code=1)
                 if iteration % args.log_every == 0 or last:
-                    run.log({"iter": iteration, **dict(zip(LOGGED, (totals / logged).tolist())), "lr": lr,
-                             "epoch": images_seen / per_epoch, "global_batch": args.batch_size * world,
-                             "images_per_s": logged * args.critic_its * args.batch_size * world / (now - t_log),
-                             "seconds": now - t_start})
-                    totals, logged, t_log = torch.zeros_like(totals), 0, now
+                    run.log({"iter": iteration, **meter.record(now, args.critic_its * batch), "lr": lr,
+                             "epoch": images_seen / per_epoch, "global_batch": batch, "seconds": now - t_start})
                 if run.bar:
                     run.bar.update(1)
-                shown = ema if ema is not None else generator
                 if lead and args.sample_every and (iteration % args.sample_every == 0 or last):
-                    save_image(generate(shown, fixed_z), run_dir / "samples" / f"iter_{iteration:06d}.png",
-                               nrow=8, normalize=True, value_range=(-1, 1))
-                if ckpt_due:
-                    checkpoint(iteration)  # before the FID, so that a failing FID loses nothing
+                    save_grid(generate(shown, fixed_z), run_dir / "samples" / f"iter_{iteration:06d}.png")
+                if ckpt_due:  # before the FID, so that a failing FID loses nothing
+                    save_checkpoint(ckpt_path, nets, args, iteration, images_seen, world)
                 if fid_due and lead:
                     fid = compute_fid(inception, shown, data, args, device)
                     run.log({"iter": iteration, **fid})
@@ -1075,26 +1135,17 @@ def main(argv=None):
               file=sys.stderr)
         raise SystemExit(130)
     run.close()
-    if stop == 2:
-        code = 128 + (signals.received or signal.SIGTERM)
-        if lead:
-            print(f"{SCRIPT}: stopped by a signal after iteration {iteration}: checkpoint written to "
-                  f"{run_dir / 'ckpt' / 'last.pt'}; continue with --resume {run_dir}", file=sys.stderr)
-        if world > 1:
-            dist.destroy_process_group()
-        raise SystemExit(code)  # 130 for Ctrl-C: a `train && next` chain stops here
-    if lead:
-        final = ema if ema is not None else generator
-        write_gif(run_dir / "samples", run_dir / "progress.gif")
-        write_interpolation(final, args, run_dir / "interpolation.png", device)
-        try:
-            write_nearest_neighbours(final, data, args, run_dir / "nearest_neighbours.png", device)
-        except ImportError:
-            print(f"{SCRIPT}: matplotlib is not installed; skipped nearest_neighbours.png")
+    if stop == 2 and lead:
+        print(f"{SCRIPT}: stopped by a signal after iteration {iteration}: checkpoint written to {ckpt_path}; "
+              f"continue with --resume {run_dir}", file=sys.stderr)
+    elif lead:
+        write_figures(shown, data, args, run_dir, device)
         why = f"stopped on time (--max-time {args.max_time:g} s)" if stop == 1 else "done"
         print(f"{why}: {iteration} iterations in {time.time() - t_start:.0f} s; run folder {run_dir}")
     if world > 1:
         dist.destroy_process_group()
+    if stop == 2:
+        raise SystemExit(128 + (signals.received or signal.SIGTERM))  # 130 for Ctrl-C: `train && next` stops
 
 
 if __name__ == "__main__":
