@@ -88,8 +88,9 @@ COVER_SHARE = 0.2
 NOT_FROM_FILES = ("config", "resume", "run_name")  # said on the command line only
 
 
-def fail(msg, code=2):
-    print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
+# ---------------------------------------------------------------------------------------------- flags
+def fail(message, code=2):
+    print(f"{SCRIPT}: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -148,25 +149,27 @@ def build_parser():
     return p
 
 
-def read_config(path):
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        fail(f"--config: cannot read {path} ({e.strerror}); give a JSON or YAML file of flag values")
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            import yaml
-            cfg = yaml.safe_load(text)
-        except ImportError:
-            fail(f"--config: {path} is not JSON and PyYAML is not installed; write it as JSON")
-        except yaml.YAMLError:
-            fail(f"--config: {path} is neither JSON nor YAML; fix its syntax")
-    if not isinstance(cfg, dict):
-        fail(f"--config: {path} must hold a mapping of flag names to values")
-    return cfg
+def parse_args(argv=None):
+    """The command line over a config file over a resumed checkpoint's settings, all through argparse, so that
+    every type, choice and check applies to each. With --resume, args.resume is the checkpoint file."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, tokens = parser.parse_args(argv), []
+    if args.resume:
+        args.resume = checkpoint_file(args.resume)
+        tokens += as_flags(load_checkpoint(args.resume)["args"], f"--resume {args.resume}", parser)
+    if args.config:
+        tokens += as_flags(read_config(args.config), f"--config {args.config}", parser)
+    if tokens:
+        resume = args.resume
+        args = parser.parse_args(tokens + argv)
+        args.resume = resume
+    names = ("width", "gp_lambda", "latent_dim", "batch_size", "lr", "gp_every")
+    for name, value in zip(names, DEFAULTS[args.dataset]):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    check_args(args)
+    return args
 
 
 def as_flags(values, source, parser):
@@ -192,24 +195,28 @@ def as_flags(values, source, parser):
     return tokens
 
 
-def parse_args(argv=None):
-    """The command line over a config file over a resumed checkpoint's settings, all through argparse, so that
-    every type, choice and check applies to each. With --resume, args.resume is the checkpoint file."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args, tokens = parser.parse_args(argv), []
-    if args.resume:
-        args.resume = checkpoint_file(args.resume)
-        tokens += as_flags(load_checkpoint(args.resume)["args"], f"--resume {args.resume}", parser)
-    if args.config:
-        tokens += as_flags(read_config(args.config), f"--config {args.config}", parser)
-    if tokens:
-        resume = args.resume
-        args = parser.parse_args(tokens + argv)
-        args.resume = resume
-    for name, value in zip(("width", "gp_lambda", "latent_dim", "batch_size", "lr", "gp_every"), DEFAULTS[args.dataset]):
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+def read_config(path):
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        fail(f"--config: cannot read {path} ({e.strerror}); give a JSON or YAML file of flag values")
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            import yaml
+            cfg = yaml.safe_load(text)
+        except ImportError:
+            fail(f"--config: {path} is not JSON and PyYAML is not installed; write it as JSON")
+        except yaml.YAMLError:
+            fail(f"--config: {path} is neither JSON nor YAML; fix its syntax")
+    if not isinstance(cfg, dict):
+        fail(f"--config: {path} must hold a mapping of flag names to values")
+    return cfg
+
+
+def check_args(args):
     checks = [
         (args.iters >= 1, f"--iters must be >= 1 (got {args.iters})"),
         (args.critic_its >= 1, f"--critic-its must be >= 1 (got {args.critic_its})"),
@@ -229,14 +236,12 @@ def parse_args(argv=None):
         (args.fid_every == 0 or args.dataset == "mnist", "--fid-every needs --dataset mnist"),
         (args.fid_samples >= 2, f"--fid-samples must be >= 2 (got {args.fid_samples})"),
     ]
-    for ok, msg in checks:
+    for ok, message in checks:
         if not ok:
-            fail(msg)
-    return args
+            fail(message)
 
 
-# ---------------------------------------------------------------- data
-
+# ----------------------------------------------------------------------------------------------- data
 def toy_modes(name):
     """(centres [K, 2] as a float32 tensor, std) of a mixture, in data coordinates (after the scaling)."""
     if name == "8gaussians":
@@ -291,8 +296,7 @@ def sample_z(n, d, device, generator=None):
     return torch.rand(n, d, device=device, generator=generator) * 2 - 1
 
 
-# ---------------------------------------------------------------- models
-
+# --------------------------------------------------------------------------------------------- models
 def mlp(sizes):
     layers = []
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
@@ -346,8 +350,7 @@ class NoiseMorpher(nn.Module):
         return z + step * (1 - z.abs()).detach()
 
 
-# ---------------------------------------------------------------- losses and steps
-
+# --------------------------------------------------------------------------------------------- losses
 def gradient_penalty(critic, real, fake):
     """Unscaled mean((||dD/dx_hat||_2 - 1)^2), one alpha per sample, norm over all non-batch dims."""
     alpha = torch.rand(real.shape[0], *[1] * (real.dim() - 1), device=real.device, dtype=real.dtype)
@@ -357,6 +360,7 @@ def gradient_penalty(critic, real, fake):
 
 
 @contextmanager
+# --------------------------------------------------------------------------------- one-step functions
 def frozen(*modules):
     """No weight gradients for these modules inside the block (inputs still get gradients)."""
     params = [p for m in modules for p in m.parameters()]
@@ -429,6 +433,15 @@ def generator_step(generator, critic, opt_generator, args, morpher=None):
     return {"loss_gen": loss.detach()}
 
 
+def build_nets(args, device):
+    """Generator, critic, noise morpher and their Adams; `use_morph` is the morpher, or None with --no-morph."""
+    generator, critic, morpher = Generator(args).to(device), Critic(args).to(device), NoiseMorpher(args).to(device)
+    opts = [torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.9)) for m in (generator, critic, morpher)]
+    return argparse.Namespace(generator=generator, critic=critic, morpher=morpher, modules=(generator, critic, morpher),
+                              opts=opts, opt_generator=opts[0], opt_critic=opts[1], opt_morph=opts[2], stats={},
+                              use_morph=None if args.no_morph else morpher)
+
+
 def train_step(nets, next_real, it, args):
     """Generator step `it` (1-based): its critic steps (the penalty on every --gp-every-th), the morpher's steps
     (none with --no-morph) and the generator update. Returns every loss, stacked."""
@@ -459,8 +472,7 @@ def evaluate(generator, critic, morpher, z, args):
     return out
 
 
-# ---------------------------------------------------------------- plots and FID
-
+# ------------------------------------------------------------------------------------- images and FID
 @torch.no_grad()
 def write_plots(run_dir, it, history, generator, critic, morpher, z, real):
     """scores.png; toy: critic_contour.png (+ samples/), latent.png; mnist: samples/ grid, latent_walk.gif."""
@@ -586,17 +598,7 @@ def compute_fid(inception, generator, test_images, args, device, out_dir):
     return {"fid": fid["frechet_inception_distance"], "kid": kid["kernel_inception_distance_mean"], "fid_n": n}
 
 
-# ---------------------------------------------------------------- run folder and checkpoint
-
-def save_checkpoint(path, state):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
+# -------------------------------------------------------------------------- run folder and checkpoint
 def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -608,6 +610,22 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def settings(args):
+    return {k: v for k, v in vars(args).items() if k != "resume"}
+
+
+def save_checkpoint(path, nets, done, history, args):
+    """Models and optimizers, the step, the logged history, the RNG and the settings, written to a temporary
+    file that replaces `path` only when complete."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save({"models": [(m.state_dict(), o.state_dict()) for m, o in zip(nets.modules, nets.opts)],
+                    "iter": done, "history": history, "rng": rng_state(), "args": settings(args)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def checkpoint_file(resume):
@@ -716,8 +734,7 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-# ---------------------------------------------------------------- main
-
+# ----------------------------------------------------------------------------------------------- main
 def setup(args):
     """Device, seeds and determinism."""
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -746,24 +763,16 @@ def main(argv=None):
         real_ref, images = None, load_mnist(args).to(device)
         test_images = load_mnist(args, train=False) if args.fid_every else None
         next_real = lambda: images[torch.randint(len(images), (args.batch_size,), device=device)]  # noqa: E731
-    generator, critic, morpher = Generator(args).to(device), Critic(args).to(device), NoiseMorpher(args).to(device)
-    opts = [torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.9)) for m in (generator, critic, morpher)]
-    nets = argparse.Namespace(generator=generator, critic=critic, morpher=morpher, modules=(generator, critic, morpher),
-                              opts=opts, opt_generator=opts[0], opt_critic=opts[1], opt_morph=opts[2], stats={},
-                              use_morph=None if args.no_morph else morpher)
+    nets = build_nets(args, device)
+    generator, critic = nets.generator, nets.critic
     fixed_gen = torch.Generator().manual_seed(args.seed + 1)  # metrics on a fixed z, off the training RNG
     fixed_z = sample_z(args.eval_samples, args.latent_dim, "cpu", fixed_gen).to(device)
     start, history = restore(load_checkpoint(args.resume), nets, args) if args.resume else (0, [])
     run_dir = open_run_folder(args)
+    ckpt_path = os.path.join(run_dir, "ckpt", "last.pt")
     with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump({k: v for k, v in vars(args).items() if k != "resume"}, f, indent=1)
+        json.dump(settings(args), f, indent=1)
     run = RunLog(run_dir, history, args.iters)
-
-    def checkpoint(done):
-        state = {"models": [(m.state_dict(), o.state_dict()) for m, o in zip(nets.modules, opts)], "iter": done,
-                 "history": history, "rng": rng_state(), "args": {k: v for k, v in vars(args).items() if k != "resume"}}
-        save_checkpoint(os.path.join(run_dir, "ckpt", "last.pt"), state)
-
     bad = torch.full((), -1, dtype=torch.long, device=device)  # first iteration with a non-finite loss
     t_start = t_last = time.time()
     deadline = t_start + args.max_time if args.max_time else None
@@ -784,15 +793,15 @@ def main(argv=None):
                     continue
                 if int(bad) >= 0:
                     run.close()
-                    ckpt = os.path.join(run_dir, "ckpt", "last.pt")
-                    kept = f"the last good checkpoint is {ckpt}" if os.path.exists(ckpt) else "no checkpoint was written"
+                    kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else \
+                        "no checkpoint was written"
                     fail(f"non-finite loss at iteration {int(bad)}; training stopped, {kept}", code=1)
                 if log:
                     with eval_mode(generator):
                         scores = evaluate(generator, critic, nets.use_morph, fixed_z, args)
+                    rate = (it - it_last) * args.batch_size * args.critic_its / max(now - t_last, 1e-9)
                     record = {"iter": it, **{k: v.item() for k, v in nets.stats.items()}, "lr": args.lr,
-                              "images_per_s": (it - it_last) * args.batch_size * args.critic_its / max(now - t_last, 1e-9),
-                              "seconds": now - t_start, **scores}
+                              "images_per_s": rate, "seconds": now - t_start, **scores}
                     t_last, it_last = now, it
                     history.append(record)
                     run.log(record)
@@ -800,23 +809,23 @@ def main(argv=None):
                     with eval_mode(generator):
                         write_plots(run_dir, it, history, generator, critic, nets.use_morph, fixed_z, real_ref)
                 if save:
-                    checkpoint(it)  # before the FID, so that a failing FID loses nothing
+                    save_checkpoint(ckpt_path, nets, it, history, args)  # before the FID: it may fail
                 if fid:
                     with eval_mode(generator):
                         history[-1].update(compute_fid(inception, generator, test_images, args, device, args.out))
                     run.log({"iter": it, **{k: history[-1][k] for k in ("fid", "kid", "fid_n")}})
-                    checkpoint(it)
+                    save_checkpoint(ckpt_path, nets, it, history, args)
                 if stop:
                     break
     except KeyboardInterrupt:  # a second signal: out at once, mid-step, so no checkpoint of this state
         run.close()
-        print(f"\n{SCRIPT}: stopped at once by a second signal; the last checkpoint is in {run_dir}/ckpt",
+        print(f"\n{SCRIPT}: stopped at once by a second signal; the last checkpoint is {ckpt_path}",
               file=sys.stderr)
         raise SystemExit(130)
     run.close()
     if stop == "signal":
         print(f"{SCRIPT}: {signal.Signals(signals.received).name} after iteration {done}: checkpoint written to "
-              f"{run_dir}/ckpt/last.pt; continue with --resume {run_dir}", file=sys.stderr)
+              f"{ckpt_path}; continue with --resume {run_dir}", file=sys.stderr)
         raise SystemExit(128 + signals.received)  # 130 for Ctrl-C: a `train && next` chain stops here
     last = history[-1] if history else {}
     keys = ("wasserstein", "modes_covered", "hq_share", "manifold_dist", "morph_gap", "fid")

@@ -225,7 +225,8 @@ def check_args(args):
     bad = [
         (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
         (args.critic_its < 1, f"--critic-its must be at least 1, got {args.critic_its}"),
-        (args.gp_every < 1, f"--gp-every must be at least 1 (1: the penalty at every critic step), got {args.gp_every}"),
+        (args.gp_every < 1,
+         f"--gp-every must be at least 1 (1: the penalty at every critic step), got {args.gp_every}"),
         (args.iters < 0, "--iters must be 0 or more"),
         (args.lr <= 0, "--lr must be positive"),
         (not 0 <= args.ema < 1, "--ema must be in [0, 1)"),
@@ -597,7 +598,7 @@ class Critic(nn.Module):
         return self.head(x.flatten(1)).squeeze(1)  # [N]
 
 
-# ---------------------------------------------------------------------------------------------- losses
+# --------------------------------------------------------------------------------------------- losses
 def interpolate(real, fake):
     alpha = torch.rand(real.shape[0], *[1] * (real.dim() - 1), device=real.device, dtype=real.dtype)
     return torch.lerp(real, fake, alpha).requires_grad_(True)  # real + alpha * (fake - real)
@@ -610,7 +611,7 @@ def gradient_penalty(critic, real, fake):
     return (grad.flatten(1).norm(dim=1) - 1).square().mean()
 
 
-# ---------------------------------------------------------------------------------- one-step functions
+# --------------------------------------------------------------------------------- one-step functions
 def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -878,7 +879,7 @@ def sample_mode(args, device, ckpt):
     print(f"wrote {written} images to {out}")
 
 
-# ------------------------------------------------------------------------------ run folder and checkpoint
+# -------------------------------------------------------------------------- run folder and checkpoint
 def rng_state():
     np_state = np.random.get_state()
     return {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
@@ -1047,7 +1048,7 @@ def agree(value, device, world, op):
     return t.item()
 
 
-# ------------------------------------------------------------------------------------------------ main
+# ----------------------------------------------------------------------------------------------- main
 def setup(args):
     """The device, this process's rank and the world size (under torchrun: NCCL on CUDA, gloo on CPU), and
     the precision and determinism switches."""

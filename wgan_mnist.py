@@ -74,16 +74,16 @@ except KeyboardInterrupt:  # Ctrl-C while torch loads: no traceback
     print("wgan_mnist.py: interrupted while starting", file=sys.stderr)
     raise SystemExit(130)
 
-PROG = "wgan_mnist.py"
+SCRIPT = "wgan_mnist.py"
 NOT_FROM_FILES = ("config", "resume", "run_name")  # said on the command line only
 
 
-def fail(msg, code=2):
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
+# ---------------------------------------------------------------------------------------------- flags
+def fail(message, code=2):
+    print(f"{SCRIPT}: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
-# ---------------------------------------------------------------------------------------------- flags
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block
         fail(message)
@@ -98,7 +98,7 @@ def duration(text):
 
 
 def build_parser():
-    p = Parser(prog=PROG, description="WGAN (weight clipping) on MNIST",
+    p = Parser(prog=SCRIPT, description="WGAN (weight clipping) on MNIST",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--data", default="data", help="torchvision root holding MNIST/raw or FashionMNIST/raw")
@@ -168,29 +168,8 @@ def parse_args(argv=None):
         resume = args.resume
         args = parser.parse_args(tokens + argv)
         args.resume = resume
-    checks = [(args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
-              (args.critic_its < 1, f"--critic-its must be at least 1 critic step, got {args.critic_its}"),
-              (args.clip_value <= 0, f"--clip-value must be positive (clipping to [-c, c]), got {args.clip_value}"),
-              (args.lr is not None and args.lr <= 0, f"--lr must be positive, got {args.lr}"),
-              (args.iters < 0, f"--iters must be 0 or more, got {args.iters}"),
-              (args.gp_lambda < 0, f"--gp-lambda must be 0 or more, got {args.gp_lambda}"),
-              (args.latent_dim < 1, f"--latent-dim must be at least 1, got {args.latent_dim}"),
-              (min(args.g_width or 1, args.d_width or 1) < 1, "--g-width and --d-width must be at least 1"),
-              (args.gp_every < 1, f"--gp-every must be at least 1 (1: the penalty at every step), got {args.gp_every}"),
-              (not 0 <= args.ema < 1, f"--ema must be in [0, 1), got {args.ema}"),
-              (args.log_every < 1, f"--log-every must be at least 1, got {args.log_every}"),
-              (min(args.sample_every, args.ckpt_every, args.fid_every) < 0,
-               "--sample-every, --ckpt-every and --fid-every must be 0 or more"),
-              (args.fid_samples < 2, f"--fid-samples must be at least 2, got {args.fid_samples}"),
-              (args.critic_norm == "batch" and args.penalty == "gp",
-               "--critic-norm batch cannot be used with --penalty gp: the penalty is per sample, BatchNorm mixes"
-               " the batch"),
-              (args.critic_norm == "batch" and args.arch == "mlp",
-               "--critic-norm batch is for --arch dcgan; the paper's MLP critic has no BatchNorm")]
-    for bad, msg in checks:
-        if bad:
-            fail(msg)
-    gp = args.penalty == "gp"
+    check_args(args)
+    gp = args.penalty == "gp"  # the defaults that follow --penalty
     args.optimizer = args.optimizer or ("adam" if gp else "rmsprop")
     args.lr = args.lr if args.lr is not None else (8e-4 if gp else 5e-4)
     args.g_width = args.g_width or 16
@@ -205,7 +184,7 @@ def as_flags(values, source, parser):
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
     unknown = [k for k in values if k.replace("-", "_") not in actions]
     if unknown and source.startswith("--resume"):
-        fail(f"{source} is not a checkpoint of {PROG}: it has settings this script does not have "
+        fail(f"{source} is not a checkpoint of {SCRIPT}: it has settings this script does not have "
              f"({', '.join(unknown[:4])})")
     if unknown:
         fail(f"{source}: unknown key '{unknown[0]}'; keys are the script's flags (see --help)")
@@ -236,6 +215,31 @@ def read_config(path):
     if not isinstance(values, dict):
         fail(f"--config: {path} must hold a mapping of flag names to values")
     return values
+
+
+def check_args(args):
+    checks = [(args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
+              (args.critic_its < 1, f"--critic-its must be at least 1 critic step, got {args.critic_its}"),
+              (args.clip_value <= 0, f"--clip-value must be positive (clipping to [-c, c]), got {args.clip_value}"),
+              (args.lr is not None and args.lr <= 0, f"--lr must be positive, got {args.lr}"),
+              (args.iters < 0, f"--iters must be 0 or more, got {args.iters}"),
+              (args.gp_lambda < 0, f"--gp-lambda must be 0 or more, got {args.gp_lambda}"),
+              (args.latent_dim < 1, f"--latent-dim must be at least 1, got {args.latent_dim}"),
+              (min(args.g_width or 1, args.d_width or 1) < 1, "--g-width and --d-width must be at least 1"),
+              (args.gp_every < 1, f"--gp-every must be at least 1 (1: the penalty at every step), got {args.gp_every}"),
+              (not 0 <= args.ema < 1, f"--ema must be in [0, 1), got {args.ema}"),
+              (args.log_every < 1, f"--log-every must be at least 1, got {args.log_every}"),
+              (min(args.sample_every, args.ckpt_every, args.fid_every) < 0,
+               "--sample-every, --ckpt-every and --fid-every must be 0 or more"),
+              (args.fid_samples < 2, f"--fid-samples must be at least 2, got {args.fid_samples}"),
+              (args.critic_norm == "batch" and args.penalty == "gp",
+               "--critic-norm batch cannot be used with --penalty gp: the penalty is per sample, BatchNorm mixes"
+               " the batch"),
+              (args.critic_norm == "batch" and args.arch == "mlp",
+               "--critic-norm batch is for --arch dcgan; the paper's MLP critic has no BatchNorm")]
+    for bad, message in checks:
+        if bad:
+            fail(message)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -356,7 +360,7 @@ def gradient_penalty(critic, real, fake):
     return (grad.flatten(1).to(real.dtype).norm(dim=1) - 1).pow(2).mean()
 
 
-# ------------------------------------------------------------------------------------- one-step functions
+# --------------------------------------------------------------------------------- one-step functions
 def critic_iters_for(step, args):
     """Critic steps before generator step `step` (0-based); the paper's warm-up when asked."""
     if args.critic_warmup and (step < 25 or step % 500 == 0):
@@ -429,6 +433,16 @@ def update_ema(ema, generator, step, decay):
 def clip_fraction(critic, c):
     at_bound = sum(int((p.abs() >= c).sum()) for p in critic.parameters())
     return at_bound / sum(p.numel() for p in critic.parameters())
+
+
+def build_nets(args, device):
+    """Generator, critic, the generator's moving average and the two optimizers."""
+    generator, critic = Generator(args).to(device), Critic(args).to(device)
+    if args.arch == "dcgan":  # cuDNN's faster layout; on a CPU too: 0.91-0.93x the time per step (bench/RESULTS.md)
+        generator, critic = (m.to(memory_format=torch.channels_last) for m in (generator, critic))
+    ema = copy.deepcopy(generator).requires_grad_(False) if args.ema else None
+    opt_g, opt_c = make_optimizers(generator, critic, args, fused=device.type == "cuda")
+    return types.SimpleNamespace(generator=generator, critic=critic, ema=ema, opt_g=opt_g, opt_c=opt_c)
 
 
 def train_step(nets, batches, count, args):
@@ -539,7 +553,7 @@ def fid_vs_test(inception, images, test_images, args, device):
     return {"fid": fid["frechet_inception_distance"], "kid": kid["kernel_inception_distance_mean"], "fid_n": n}
 
 
-def fid_of_generator(inception, generator, test_images, args, device):
+def compute_fid(inception, generator, test_images, args, device):
     g = torch.Generator(device=device).manual_seed(args.seed + 7)  # own stream: FID leaves training RNG alone
     chunks = [to_uint8(generate(generator, torch.randn(min(500, args.fid_samples - i), args.latent_dim,
                                                        generator=g, device=device)))
@@ -552,14 +566,14 @@ def save_grid(generator, z, path):
     save_image(generate(generator, z) * 0.5 + 0.5, path, nrow=8)
 
 
-def save_gif(sample_dir, path):
+def write_gif(sample_dir, path):
     from PIL import Image
     frames = [Image.open(f) for f in sorted(Path(sample_dir).glob("iter_*.png"))]
     if frames:
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=300, loop=0)
 
 
-# -------------------------------------------------------------------------------- run folder and checkpoint
+# -------------------------------------------------------------------------- run folder and checkpoint
 def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -571,6 +585,25 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def settings(args):
+    return {k: v for k, v in vars(args).items() if k != "resume"}
+
+
+def save_checkpoint(path, nets, batches, count, args):
+    """Nets, optimizers, the batch stream's position, the step counts, the RNG and the settings, written to a
+    temporary file that replaces `path` only when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"generator": nets.generator.state_dict(), "critic": nets.critic.state_dict(),
+                    "ema": nets.ema.state_dict() if nets.ema is not None else None,
+                    "opt_generator": nets.opt_g.state_dict(), "opt_critic": nets.opt_c.state_dict(),
+                    "batches": batches.state_dict(), "rng": rng_state(), **count, "args": settings(args)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def checkpoint_file(path):
@@ -586,18 +619,42 @@ def load_checkpoint(path):
         fail(f"--resume: {path} is missing, truncated or not a checkpoint ({type(e).__name__}); "
              "point --resume at a run folder or its ckpt/last.pt")
     if "step" not in ckpt:
-        fail(f"--resume {path} is not a checkpoint of {PROG} (it is another script's)")
+        fail(f"--resume {path} is not a checkpoint of {SCRIPT} (it is another script's)")
     return ckpt
 
 
-def save_checkpoint(path, state):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def restore(ckpt, nets, batches, count, args):
+    """Everything a checkpoint holds, and the command line's --lr in force (an explicit --lr on resume wins)."""
+    try:
+        nets.generator.load_state_dict(ckpt["generator"])
+        nets.critic.load_state_dict(ckpt["critic"])
+    except RuntimeError:
+        fail(f"--resume {args.resume}: its nets do not match these settings (a checkpoint of an earlier version "
+             "of this script?)")
+    if nets.ema is not None:  # a run without an average starts one from its generator
+        nets.ema.load_state_dict(ckpt.get("ema") or ckpt["generator"])
+    for opt, key in ((nets.opt_g, "opt_generator"), (nets.opt_c, "opt_critic")):
+        opt.load_state_dict(ckpt[key])
+        for group in opt.param_groups:
+            group["lr"] = args.lr
+    batches.load_state_dict(ckpt["batches"])
+    set_rng_state(ckpt["rng"])
+    count.update(step=ckpt["step"], critic_steps=ckpt.get("critic_steps", 0))
+
+
+def open_run_folder(args):
+    """The run folder: the checkpoint's when resuming, else a new one that must not hold a run already."""
+    if args.resume:
+        return Path(args.resume).parent.parent
+    run_dir = Path(args.out) / (args.run_name or f"wgan_mnist__{args.dataset}__{args.seed}__{int(time.time())}")
+    if (run_dir / "args.json").exists():
+        fail(f"--run-name: {run_dir} already holds a run; pass --resume {run_dir} to continue it, or another "
+             "--run-name")
+    try:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--out: cannot create the run folder {run_dir} ({e.strerror or type(e).__name__})")
+    return run_dir
 
 
 class RunLog:
@@ -631,40 +688,6 @@ class RunLog:
         for part in (self.bar, self.writer):
             if part:
                 part.close()
-
-
-def open_run_folder(args):
-    """The run folder: the checkpoint's when resuming, else a new one that must not hold a run already."""
-    if args.resume:
-        return Path(args.resume).parent.parent
-    run_dir = Path(args.out) / (args.run_name or f"wgan_mnist__{args.dataset}__{args.seed}__{int(time.time())}")
-    if (run_dir / "args.json").exists():
-        fail(f"--run-name: {run_dir} already holds a run; pass --resume {run_dir} to continue it, or another "
-             "--run-name")
-    try:
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--out: cannot create the run folder {run_dir} ({e.strerror or type(e).__name__})")
-    return run_dir
-
-
-def restore(ckpt, nets, batches, count, args):
-    """Everything a checkpoint holds, and the command line's --lr in force (an explicit --lr on resume wins)."""
-    try:
-        nets.generator.load_state_dict(ckpt["generator"])
-        nets.critic.load_state_dict(ckpt["critic"])
-    except RuntimeError:
-        fail(f"--resume {args.resume}: its nets do not match these settings (a checkpoint of an earlier version "
-             "of this script?)")
-    if nets.ema is not None:  # a run without an average starts one from its generator
-        nets.ema.load_state_dict(ckpt.get("ema") or ckpt["generator"])
-    for opt, key in ((nets.opt_g, "opt_generator"), (nets.opt_c, "opt_critic")):
-        opt.load_state_dict(ckpt[key])
-        for group in opt.param_groups:
-            group["lr"] = args.lr
-    batches.load_state_dict(ckpt["batches"])
-    set_rng_state(ckpt["rng"])
-    count.update(step=ckpt["step"], critic_steps=ckpt.get("critic_steps", 0))
 
 
 class StopSignals:
@@ -719,12 +742,7 @@ def main(argv=None):
         return floor
     train_images = load_split(args, train=True).to(device)
     test_images = load_split(args, train=False) if args.fid_every else None
-    generator, critic = Generator(args).to(device), Critic(args).to(device)
-    if args.arch == "dcgan":  # cuDNN's faster layout; on a CPU too: 0.91-0.93x the time per step (bench/RESULTS.md)
-        generator, critic = (m.to(memory_format=torch.channels_last) for m in (generator, critic))
-    ema = copy.deepcopy(generator).requires_grad_(False) if args.ema else None
-    opt_g, opt_c = make_optimizers(generator, critic, args, fused=device.type == "cuda")
-    nets = types.SimpleNamespace(generator=generator, critic=critic, ema=ema, opt_g=opt_g, opt_c=opt_c)
+    nets = build_nets(args, device)
     batches = Batches(train_images, args.batch_size, args.seed)
     fixed_z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
     count = {"step": 0, "critic_steps": 0}
@@ -732,18 +750,11 @@ def main(argv=None):
         restore(load_checkpoint(args.resume), nets, batches, count, args)
     run_dir = open_run_folder(args)
     ckpt_path = run_dir / "ckpt" / "last.pt"
-    saved_args = {k: v for k, v in vars(args).items() if k != "resume"}
-    (run_dir / "args.json").write_text(json.dumps(saved_args, indent=2))
+    (run_dir / "args.json").write_text(json.dumps(settings(args), indent=2))
     run, meter = RunLog(run_dir, args.iters, count["step"]), Meter(device)
+    shown = nets.ema if nets.ema is not None else nets.generator  # what grids and FIDs show
     start = time.time()
     deadline, stop, row = start + args.max_time if args.max_time else None, None, {}
-
-    def checkpoint():
-        state = {"generator": generator.state_dict(), "critic": critic.state_dict(), "ema": ema and ema.state_dict(),
-                 "opt_generator": opt_g.state_dict(), "opt_critic": opt_c.state_dict(),
-                 "batches": batches.state_dict(), "rng": rng_state(), **count, "args": saved_args}
-        save_checkpoint(ckpt_path, state)
-
     try:
         with StopSignals() as signals:
             while count["step"] < args.iters and stop is None:
@@ -751,7 +762,6 @@ def main(argv=None):
                 step, now = count["step"], time.time()
                 stop = "time" if deadline and now >= deadline else ("signal" if signals.received else None)
                 last = step == args.iters or stop is not None
-                shown = ema if ema is not None else generator
                 fid_due = args.fid_every and (step % args.fid_every == 0 or last) and stop != "signal"
                 due = [step % args.log_every == 0 or last, (args.sample_every and step % args.sample_every == 0)
                        or last, (args.ckpt_every and step % args.ckpt_every == 0) or last or fid_due]
@@ -763,32 +773,32 @@ def main(argv=None):
                 if due[0]:
                     row = {**meter.record(step, now), "lr": args.lr, "seconds": now - start}
                     if args.penalty == "clip":
-                        row["clip_fraction"] = clip_fraction(critic, args.clip_value)
+                        row["clip_fraction"] = clip_fraction(nets.critic, args.clip_value)
                     run.log(row)
                 if run.bar:
                     run.bar.update(1)
                 if due[1]:
                     save_grid(shown, fixed_z, run_dir / "samples" / f"iter_{step:06d}.png")
                 if due[2]:
-                    checkpoint()  # before the FID, so that a failing FID loses nothing
+                    save_checkpoint(ckpt_path, nets, batches, count, args)  # before the FID: it may fail
                 if fid_due:
-                    fid = {"iter": step, **fid_of_generator(inception, shown, test_images, args, device)}
+                    fid = {"iter": step, **compute_fid(inception, shown, test_images, args, device)}
                     run.log(fid)
                     row.update(fid)
     except KeyboardInterrupt:  # a second signal: out at once, mid-step, so no checkpoint of this state
         run.close()
-        print(f"\n{PROG}: stopped at once by a second signal; the last checkpoint is {ckpt_path}", file=sys.stderr)
+        print(f"\n{SCRIPT}: stopped at once by a second signal; the last checkpoint is {ckpt_path}", file=sys.stderr)
         raise SystemExit(130)
     run.close()
     if stop == "signal":
         name = signal.Signals(signals.received).name
-        print(f"{PROG}: {name} after iteration {count['step']}: checkpoint {ckpt_path}; "
+        print(f"{SCRIPT}: {name} after iteration {count['step']}: checkpoint {ckpt_path}; "
               f"continue with --resume {run_dir}", file=sys.stderr)
         raise SystemExit(128 + signals.received)  # 130 for Ctrl-C: a `train && next` chain stops here
-    save_gif(run_dir / "samples", run_dir / "progress.gif")
+    write_gif(run_dir / "samples", run_dir / "progress.gif")
     summary = ", ".join(f"{k} {row[k]:.4g}" for k in ("wasserstein", "loss_critic", "fid") if k in row)
     why = f"stopped on time (--max-time {args.max_time:g} s)" if stop == "time" else "done"
-    print(f"{PROG}: {why}: {count['step']} generator steps in {time.time() - start:.0f} s; {summary}; "
+    print(f"{SCRIPT}: {why}: {count['step']} generator steps in {time.time() - start:.0f} s; {summary}; "
           f"run folder {run_dir}")
     return row
 

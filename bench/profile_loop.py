@@ -56,7 +56,7 @@ def main():
     label_forward(module.Generator, "generator")
     label_forward(module.Critic, "critic")
     for name in ("gradient_penalty", "critic_step", "generator_step", "save_checkpoint", "morph_step",
-                 "update_ema", "compute_fid", "fid_of_generator", "save_grid", "write_plots"):
+                 "update_ema", "compute_fid", "save_grid", "write_plots"):
         if hasattr(module, name):
             label(module, name)
     if hasattr(module.Batches if hasattr(module, "Batches") else None, "next"):
@@ -94,7 +94,7 @@ def main():
 
 
 PHASES = {"gradient_penalty", "critic_step", "generator_step", "save_checkpoint", "morph_step", "update_ema",
-          "compute_fid", "fid_of_generator", "save_grid", "write_plots", "data batches", "logging",
+          "compute_fid", "save_grid", "write_plots", "data batches", "logging",
           "logging: reading the device"}
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ import wgan_mnist as wm
 
 run, n, weights = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 which = sys.argv[4] if len(sys.argv) > 4 else "generator"
-path, ckpt = wm.load_checkpoint(run)
-args = wm.parse_args(wm.as_flags(ckpt["args"], str(path)) + ["--fid-samples", str(n), "--fid-weights", weights,
-                                                            "--device", "cpu"])
+path = wm.checkpoint_file(run)
+args = wm.parse_args(["--resume", str(path), "--fid-samples", str(n), "--fid-weights", weights, "--device", "cpu"])
+ckpt, device = wm.load_checkpoint(path), torch.device("cpu")
 generator = wm.Generator(args)
 generator.load_state_dict(ckpt[which])
 generator.eval()
@@ -24,5 +24,5 @@ with torch.no_grad():
     grid = generator(torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(0)))
 suffix = "_ema" if which == "ema" else ""
 save_image(grid * 0.5 + 0.5, path.parent.parent / "samples" / f"ckpt_{ckpt['step']:06d}{suffix}.png", nrow=8)
-scores = wm.fid_of_generator(generator, wm.load_split(args, train=False), args, torch.device("cpu"))
+scores = wm.compute_fid(wm.load_inception(args, device), generator, wm.load_split(args, train=False), args, device)
 print(json.dumps({"run": run, "step": ckpt["step"], "generator": which, **scores}))
