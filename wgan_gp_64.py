@@ -740,9 +740,12 @@ def noise(n, args, device, offset):
     return torch.randn(n, args.latent_dim, generator=torch.Generator().manual_seed(args.seed + offset)).to(device)
 
 
+def as_rgb(x):
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # grayscale to Inception's three channels
+
+
 def to_uint8_rgb(x):
-    x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    return as_rgb(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
 
 
 def save_grid(images, path, nrow=8):
@@ -824,8 +827,7 @@ def load_inception(args, device):
 @torch.no_grad()
 def inception_features(inception, images, device):
     """Pool features [n, 2048] of uint8 [n, C, H, W] images, in batches of 25 on a CPU (faster there than 100)."""
-    chunks = (images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images).split(25 if device.type == "cpu"
-                                                                                        else 250)
+    chunks = as_rgb(images).split(25 if device.type == "cpu" else 250)
     return torch.cat([inception(chunk.to(device))[0].cpu() for chunk in chunks])
 
 
