@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image
+from PIL import Image, ImageOps
 
 LATENT, BATCH, N_CRITIC, LAMBDA, LR, BETAS, FEATURES = 256, 16, 5, 10.0, 2e-4, (0.5, 0.999), 64
 SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -76,7 +76,7 @@ def load_folder(folder, size):
     for path in sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in SUFFIXES):
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
+                im = ImageOps.exif_transpose(im).convert("RGB")  # upright, as the script loads it
                 w, h = im.size
                 scale = size / min(w, h)
                 im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)

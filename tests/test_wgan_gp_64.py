@@ -269,6 +269,17 @@ def test_image_modes_are_converted(tmp_path):
     assert w.fit_square(w.load_image(deep, 3), 32, "pad").shape == (3, 32, 32)
 
 
+def test_exif_orientation_is_applied(tmp_path):
+    left_red = np.zeros((20, 40, 3), np.uint8)  # stored 40 wide, 20 high, red on the left half
+    left_red[:, :20, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": shown 20 wide, 40 high, red on top
+    Image.fromarray(left_red).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = np.asarray(w.load_image(tmp_path / "phone.jpg", 3))
+    assert shown.shape == (40, 20, 3)
+    assert shown[5, 10, 0] > 200 and shown[35, 10, 0] < 50
+
+
 # ------------------------------------------------------------------------------------------------ runs
 def real_subset(tmp_path, fish_dir, count=32):
     if fish_dir is None:
