@@ -71,7 +71,7 @@ IMAGE_SIZES = (32, 64, 128, 256)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 SEED_SCHEDULE = "100:1e-4,300:5e-5,400:rand(2e-5,6e-5),300:2.5e-5,1400:2e-5"
 LOGGED = ("loss_critic", "wasserstein", "gp", "drift", "loss_gen")
-CPU_RECIPE = ("--image-size 32 --g-channels 32 --d-channels 32 --batch-size 16 --critic-its 4 --critic-dropout 0 "
+CPU_RECIPE = ("--image-size 32 --g-channels 32 --d-channels 32 --batch-size 16 --critic-its 2 --critic-dropout 0 "
               "--lr 4e-4 --gp-every 4 --no-augment --max-time 15m")  # bench/RESULTS.md: fish on 2 CPU cores
 CACHE_BYTES = 2 * 2 ** 30  # --cache-images holds at most this much uint8 image data per process
 NOT_FROM_FILES = {"config", "resume", "run_name", "sample", "sample_out"}  # said on the command line only
