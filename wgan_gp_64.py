@@ -842,7 +842,9 @@ def compute_fid(inception, generator, data, args, device):
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     n = min(args.fid_samples, len(data))
-    key = hashlib.sha1(f"{Path(args.data).resolve()}|{args.image_size}|{args.channels}|{args.fit}|{n}".encode())
+    # "upright": images are read with their EXIF orientation applied; caches made before that are not reused
+    key = f"{Path(args.data).resolve()}|{args.image_size}|{args.channels}|{args.fit}|{n}|upright"
+    key = hashlib.sha1(key.encode())
     cache = Path(args.out) / ".fid_cache" / f"real-{key.hexdigest()[:16]}.pt"
     if cache.is_file():
         real = torch.load(cache)
