@@ -321,7 +321,8 @@ def load_image(path, channels):
     """PIL image of `channels` bands with 8 bits each, whatever the file holds (16-bit, alpha, palette), upright
     (a phone photo's EXIF orientation applied)."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
+        if im.getexif().get(0x0112, 1) != 1:  # an orientation tag: transposing copies, so only then
+            im = ImageOps.exif_transpose(im)
         if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit grayscale: convert() would clip, so rescale
             arr = np.asarray(im, dtype=np.float64)
             peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
