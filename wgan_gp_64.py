@@ -844,9 +844,8 @@ def compute_fid(inception, generator, data, args, device):
     from torch_fidelity.metric_kid import kid_features_to_metric
     n = min(args.fid_samples, len(data))
     # "upright": images are read with their EXIF orientation applied; caches made before that are not reused
-    key = f"{Path(args.data).resolve()}|{args.image_size}|{args.channels}|{args.fit}|{n}|upright"
-    key = hashlib.sha1(key.encode())
-    cache = Path(args.out) / ".fid_cache" / f"real-{key.hexdigest()[:16]}.pt"
+    what = f"{Path(args.data).resolve()}|{args.image_size}|{args.channels}|{args.fit}|{n}|upright"
+    cache = Path(args.out) / ".fid_cache" / f"real-{hashlib.sha1(what.encode()).hexdigest()[:16]}.pt"
     if cache.is_file():
         real = torch.load(cache)
     else:
