@@ -20,41 +20,33 @@ Usage:
         --fid-weights ../shared/models/weights-inception-2015-12-05-6726825d.pth   # real-vs-real FID floor
     python wgan_mnist.py --resume runs/<run-name>                        # continue a run exactly
 
-Departures from the paper and the seed (PyTorch default initialisation throughout; the paper used N(0, 0.02)):
-  1. The dcgan critic has BatchNorm after its 2nd and 3rd conv in clip mode, as the paper's DCGAN critic did
-     (its parameters are clipped with the rest), and none in gp mode (`--critic-norm`). Without it the clipped
-     critic at lr 5e-5 collapsed the generator in all our runs (k = 1 and 5, c = 0.01 and 0.05): its input
-     gradient pointed the same way for every sample (cosine 0.999 at step 500), so every z was pushed to one
-     pattern (experiments/wgan_mnist_collapse.py); with it, samples stay varied (README, wgan_mnist Results).
-     The generator keeps BatchNorm and is switched to eval mode only to draw sample grids and FID images.
-  2. Widths and upsampling are chosen for quality per CPU-second (bench/RESULTS.md, time to quality): the
-     generator starts at 7x7 and doubles twice with stride-2 4x4 transposed convs (a kernel divisible by the
-     stride: no checkerboard from uneven overlap; `--upsample nearest` is nearest x2 + 3x3 conv), `--g-width`/
-     `--d-width` set the channels: 16/16 with gp, 16/32 with clip; the paper's DCGAN widths are `--g-width 64
-     --d-width 64`. In 600 s on one CPU thread the old 64-wide nets made 259 generator steps (FID 278.7 at n = 1000,
-     issue 12's measurement), 32/32 made 1,145 (FID 132.0), 16/16 2,856 (FID 86.3, all at lr 1e-4); 24/24
-     lost to 16/16 at the final settings (40.6 vs 30.2).
+Departures from the paper and the seed (PyTorch default initialisation throughout; the paper used N(0, 0.02)); the
+measurements behind them are in bench/RESULTS.md and README.md:
+  1. The dcgan critic has BatchNorm after its 2nd and 3rd conv in clip mode, as the paper's DCGAN critic did (its
+     parameters are clipped with the rest), and none in gp mode (`--critic-norm`): without it the clipped critic's
+     input gradient pointed the same way for every sample and pushed every z to one pattern
+     (experiments/wgan_mnist_collapse.py). The generator keeps BatchNorm, in eval mode only for grids and FID images.
+  2. Small nets, for quality per CPU-second: `--g-width`/`--d-width` 16/16 with gp, 16/32 with clip (the paper's
+     DCGAN widths, 64/64, scored FID 278.7 at 600 s, n = 1000, in issue 12's measurement); the generator doubles
+     7x7 twice with stride-2 4x4 transposed convs, a kernel divisible by the stride, so no checkerboard.
   3. `--critic-warmup` (100 critic steps for generator steps 0..24 and every 500th) is off by default so that
      short runs compare `--critic-its` settings directly; the paper had it on.
-  4. Optimizers: RMSprop with torch defaults (alpha 0.99, eps 1e-8, no momentum); `--optimizer adam` uses
-     betas (0.5, 0.9) in both modes. The default optimizer and lr follow `--penalty`: clip -> RMSprop 5e-4, ten
-     times the paper's 5e-5 (seed 001's lr: at 600 s side by side FID 59.6 against 5e-5's 144.2, n = 1000;
-     at 500 steps with the old 64-wide nets 108.3 against 294.1); gp -> Adam 8e-4, not WGAN-GP's 1e-4: at
-     equal time (600 s) 1e-4 / 2e-4 / 4e-4 / 8e-4 / 1.6e-3 gave FID 74.4 / 52.5 / 41.1 / 33.0 / 30.0 with
-     small nets; 8e-4 is the safer of the two best. An explicit
+  4. The default optimizer and lr follow `--penalty`, each far better at equal time than the paper's: clip ->
+     RMSprop 5e-4, ten times the paper's 5e-5 (seed 001's lr); gp -> Adam 8e-4, not WGAN-GP's 1e-4 (the safer of
+     the two best lrs). RMSprop has torch's defaults; Adam has betas (0.5, 0.9) in both modes. An explicit
      `--optimizer` keeps the penalty's default lr unless `--lr` is given.
   5. `--gp-every K` pays the penalty on every K-th critic step only, weighted lambda * K (StyleGAN2's lazy
-     regularisation); default 4: at 600 s K = 1 / 2 / 4 / 8 gave FID 35.8 / 33.0 / 30.2 / 35.0, and at equal
-     generator steps (2,500) K = 4 scored 38.1 against K = 1's 36.4 (noise: two draws of one generator's
-     samples differ by about 3) in 0.67x the time. `--ema` keeps a moving average of the generator for grids
-     and FID (off by default: no gain at these budgets, 77.9 vs 77.9).
+     regularisation); default 4: the best FID at equal time, and within noise of K = 1 at equal generator steps in
+     two thirds of the time. `--ema` (a moving average of the generator for grids and FID) is off by default: no
+     gain at these budgets.
   6. The whole split is held as one uint8 tensor on the device and batches are drawn by index from a per-epoch
      permutation seeded by (seed, epoch), so `--num-workers` is accepted but unused.
   7. Logged losses and the Wasserstein estimate are means over the steps since the previous log step.
   8. The file is longer than SPEC's 300-700 lines: --max-time, signals, config files through argparse, exact
-     resume and in-run FID/KID each take their lines once, and the measurements behind the defaults are above.
+     resume and in-run FID/KID each take their lines once.
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -250,8 +242,8 @@ def load_split(args, train):
     from torchvision import datasets
     cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[args.dataset]
     folder = Path(args.data) / cls.__name__ / "raw"
-    files = [folder / f"{'train' if train else 't10k'}-{kind}-idx{rank}-ubyte" for kind, rank in (("images", 3),
-                                                                                                ("labels", 1))]
+    split = "train" if train else "t10k"
+    files = [folder / f"{split}-images-idx3-ubyte", folder / f"{split}-labels-idx1-ubyte"]
     present = all(f.is_file() for f in files)
     if not present and not args.download:
         fail(f"--data: no {args.dataset} files in {folder}; pass --download to fetch them there "
@@ -266,11 +258,6 @@ def load_split(args, train):
              "or copy the idx files there by hand")
 
 
-def to_unit(images_uint8):
-    """uint8 [N, 28, 28] -> float [N, 1, 28, 28] in [-1, 1]."""
-    return images_uint8.unsqueeze(1).float().div(127.5).sub(1)
-
-
 class Batches:
     """Batches by index from a device tensor; epoch e uses the permutation seeded by (seed, e)."""
 
@@ -279,14 +266,11 @@ class Batches:
         self.epoch, self.pos, self.perm = 0, 0, None
 
     def next(self):
-        if self.perm is None or self.pos + self.bs > len(self.perm):
-            if self.perm is not None:
-                self.epoch, self.pos = self.epoch + 1, 0
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            self.perm = torch.randperm(len(self.images), generator=g).to(self.images.device)
+        if self.perm is None or self.pos + self.bs > len(self.perm):  # the first batch, or the epoch is used up
+            self.load_state_dict({"epoch": 0 if self.perm is None else self.epoch + 1, "pos": 0})
         idx = self.perm[self.pos:self.pos + self.bs]
         self.pos += self.bs
-        return to_unit(self.images[idx])
+        return self.images[idx].unsqueeze(1).float().div(127.5).sub(1)  # uint8 [n, 28, 28] -> [n, 1, 28, 28] in [-1, 1]
 
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos}
@@ -524,8 +508,7 @@ def load_inception(args, device):
     except Exception as e:
         fail(f"--fid-weights: cannot load {args.fid_weights} as torch-fidelity's Inception weights "
              f"({type(e).__name__})")
-    cpu = device.type == "cpu"
-    return net.eval().to(device, memory_format=torch.channels_last if cpu else torch.preserve_format)
+    return net.eval().to(device, memory_format=torch.channels_last if device.type == "cpu" else torch.preserve_format)
 
 
 @torch.no_grad()
@@ -543,12 +526,10 @@ def fid_vs_test(inception, images, test_images, args, device):
     n = len(images)
     data_key = zlib.crc32(str(Path(args.data).resolve()).encode())  # another root, another cache entry
     cache = Path(args.out) / ".fid_cache" / f"{args.dataset}-test-n{n}-seed0-{data_key}.pt"
-    if cache.is_file():
-        real = torch.load(cache)
-    else:
-        real = inception_features(inception, subset(test_images, n, 0), device)
+    if not cache.is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(real, cache)
+        torch.save(inception_features(inception, subset(test_images, n, 0), device), cache)
+    real = torch.load(cache)
     fake = inception_features(inception, images, device)
     fid = fid_statistics_to_metric(fid_features_to_statistics(fake), fid_features_to_statistics(real), False)
     kid = kid_features_to_metric(fake, real, kid_subset_size=min(1000, n), verbose=False)
@@ -664,16 +645,12 @@ class RunLog:
 
     def __init__(self, run_dir, total, initial):
         self.path, self.writer, self.bar = run_dir / "metrics.jsonl", None, None
-        try:
+        with contextlib.suppress(ImportError):  # TensorBoard and the progress bar are optional
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run_dir), purge_step=initial or None)
-        except ImportError:
-            pass
-        try:
+        with contextlib.suppress(ImportError):
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True)
-        except ImportError:
-            pass
 
     def log(self, record):
         with open(self.path, "a") as f:
@@ -742,10 +719,9 @@ def main(argv=None):
         floor = fid_vs_test(inception, train, load_split(args, train=False), args, device)
         print(json.dumps({"fid_floor": floor, "dataset": args.dataset}))
         return floor
-    train_images = load_split(args, train=True).to(device)
+    batches = Batches(load_split(args, train=True).to(device), args.batch_size, args.seed)
     test_images = load_split(args, train=False) if args.fid_every else None
     nets = build_nets(args, device)
-    batches = Batches(train_images, args.batch_size, args.seed)
     fixed_z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
     count = {"step": 0, "critic_steps": 0}
     if args.resume:
