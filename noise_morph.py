@@ -11,54 +11,39 @@ coordinate moves by at most b times its distance to the nearer wall, so z' stays
 included (a coordinate at +-1 does not move), and z' = z when the MLP outputs 0. Since b <= 1, a scale s > 1
 only makes the step saturate earlier. The MLP's last layer starts at zero, so an untrained morpher is the identity.
 
-One generator step = --critic-its ordinary WGAN-GP critic steps on un-morphed z, then --morph-its morpher steps
-that MINIMISE mean D(G(NM(z))) with their own Adam (generator and critic frozen), then one generator step that
-maximises mean D(G(NM(z))) (morpher frozen, run under no_grad). --no-morph is plain WGAN-GP, everything else
-equal: the morpher is built (same initial weights for G and D at a given seed) but never called or stepped.
+One generator step (train_step) = --critic-its WGAN-GP critic_step calls on un-morphed z, then --morph-its
+morph_step calls that MINIMISE mean D(G(NM(z))) with the morpher's own Adam (generator and critic frozen), then
+one generator_step that maximises mean D(G(NM(z))) (NM(z) under no_grad). --no-morph is plain WGAN-GP, all else
+equal: the morpher is built (same initial G and D at a given seed) but never called or stepped.
 
 Papers: Gulrajani et al. 2017, "Improved Training of Wasserstein GANs", arXiv 1704.00028 (WGAN-GP, the toy
 sets and their models); the seed's idea (noise morpher = hard-example mining over latents; zero pull;
 bounded uniform noise). Mode metrics follow PacGAN's convention (Lin et al. 2018, arXiv 1712.04086).
 
-Usage:
+Usage (more in README.md):
     python noise_morph.py --dataset 8gaussians --iters 5000 --seed 1
     python noise_morph.py --dataset 8gaussians --iters 5000 --seed 1 --no-morph        # baseline
-    python noise_morph.py --dataset 25gaussians --width 128 --zero-pull 0.1
     python noise_morph.py --dataset mnist --data ../shared/data --max-time 10m --fid-every 2000 \
         --fid-weights ../shared/models/weights-inception-2015-12-05-6726825d.pth
     python noise_morph.py --resume runs/<run-name>                  # continue in that folder
     python noise_morph.py --config runs/<run-name>/args.json --seed 2
 
-Public step functions (signatures chosen here):
-    critic_step(generator, critic, opt_critic, real, args) -> {loss_critic, wasserstein, gp[, zero_pull]}
-    morph_step(generator, critic, morpher, opt_morph, args) -> {loss_morph} (= mean D(G(NM(z))), minimised)
-    generator_step(generator, critic, opt_generator, args, morpher=None) -> {loss_gen}; with a morpher the
-        generator is fed NM(z) computed under no_grad.
-
-Metrics (metrics.jsonl, one line per log step; all on a fixed z of --eval-samples latents):
-    d_gz = mean D(G(z)); d_gnmz = mean D(G(NM(z))); morph_gap = d_gz - d_gnmz (positive when the morpher finds
-    latents the critic likes less). In --no-morph runs d_gnmz and morph_gap are null: the morpher is not touched.
-    images_per_s = real samples per second through the critic steps since the last log line.
-    Mixtures: hq_share = share of samples within 3 std of their nearest mode; modes_covered = number of modes
-    holding at least COVER_SHARE (0.2) of their fair share n/K of those high-quality samples (with n = 2500 and
-    25 modes: 20 samples, PacGAN's threshold). Swissroll: manifold_dist = mean Euclidean distance (data units,
-    i.e. after /7.5) from each sample to the nearest of 4000 points of the noise-free roll; hq_share = share
-    within 3 noise std (3 * 0.25 / 7.5 = 0.1) of it.
-    MNIST with --fid-every: fid, kid, fid_n = FID/KID of n samples of G(z) (un-morphed) against a fixed n-image
-    subset of the MNIST test split (the subset wgan_mnist.py uses, so the two scripts' FIDs share a floor).
+Metrics (metrics.jsonl, one line per log step, on a fixed z of --eval-samples latents; README.md defines each):
+d_gz = mean D(G(z)), d_gnmz = mean D(G(NM(z))), morph_gap = d_gz - d_gnmz (positive when the morpher finds
+latents the critic likes less; null with --no-morph, which never touches the morpher); mode coverage and
+high-quality share on the mixtures, distance to the roll on swissroll; on MNIST, FID/KID of G(z) against
+wgan_mnist.py's test subset, so that the two scripts' FIDs share a floor.
 
 Departures: the seed had no code for the toy sets; their definitions follow the WGAN-GP reference code (the
 swiss roll is written here in numpy: columns 0 and 2 of sklearn's 3-D roll). --zero-pull draws u uniformly
 over the bounding box of the current real batch (per feature), the seed's "random inputs" option. MNIST is
 held in memory and batches are drawn with the torch RNG (no DataLoader, so no --num-workers; resume is exact).
 No --amp, --image-size, --channels (nothing here uses them). The seed's "smooth noise" idea (clipping) is
-replaced by the wall-distance-scaled softsign step, which never needs clipping. On MNIST the nets are
-wgan_mnist.py's time-to-quality winners (its generator with BatchNorm, its penalty critic, width 16, Adam 8e-4,
-the penalty on every 4th critic step; README): metrics, plots and FID use the generator in eval mode (BatchNorm
-running statistics), as wgan_mnist.py samples. SIGINT/SIGTERM stop after the current step with a checkpoint
-(exit 130/143); --max-time ends training as --iters does. The file is longer than SPEC's 300-700 lines: those
-reliability features, config files through argparse, exact resume, MNIST with FID and the plots each take their
-lines once.
+replaced by the wall-distance-scaled softsign step, which never needs clipping. On MNIST the nets and settings
+are wgan_mnist.py's time-to-quality winners (README.md): metrics, plots and FID use the generator in eval mode
+(BatchNorm running statistics), as wgan_mnist.py samples. SIGINT/SIGTERM stop after the current step with a
+checkpoint (exit 130/143); --max-time ends training as --iters does. The file is longer than SPEC's 300-700
+lines: those reliability features, config files through argparse, exact resume, MNIST with FID and the plots.
 """
 import argparse
 import json
@@ -71,7 +56,7 @@ import sys
 import threading
 import time
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 try:
     import numpy as np
@@ -84,7 +69,7 @@ except KeyboardInterrupt:  # Ctrl-C while torch loads: no traceback
 
 SCRIPT = "noise_morph.py"
 TOY = ("8gaussians", "25gaussians", "swissroll")
-# per dataset: width, lambda, latent dim, batch, lr, gp-every
+PER_DATASET = ("width", "gp_lambda", "latent_dim", "batch_size", "lr", "gp_every")  # None: DEFAULTS[dataset]
 DEFAULTS = {**{name: (512, 0.1, 2, 256, 1e-4, 1) for name in TOY}, "mnist": (16, 10.0, 128, 64, 8e-4, 4)}
 COVER_SHARE = 0.2
 NOT_FROM_FILES = ("config", "resume", "run_name")  # said on the command line only
@@ -156,18 +141,14 @@ def parse_args(argv=None):
     every type, choice and check applies to each. With --resume, args.resume is the checkpoint file."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, tokens = parser.parse_args(argv), []
-    if args.resume:
-        args.resume = checkpoint_file(args.resume)
-        tokens += as_flags(load_checkpoint(args.resume)["args"], f"--resume {args.resume}", parser)
+    args = parser.parse_args(argv)
+    resume = args.resume and checkpoint_file(args.resume)
+    tokens = as_flags(load_checkpoint(resume)["args"], f"--resume {resume}", parser) if resume else []
     if args.config:
         tokens += as_flags(read_config(args.config), f"--config {args.config}", parser)
-    if tokens:
-        resume = args.resume
-        args = parser.parse_args(tokens + argv)
-        args.resume = resume
-    names = ("width", "gp_lambda", "latent_dim", "batch_size", "lr", "gp_every")
-    for name, value in zip(names, DEFAULTS[args.dataset]):
+    args = parser.parse_args(tokens + argv)  # the same flags again, after the files' values
+    args.resume = resume
+    for name, value in zip(PER_DATASET, DEFAULTS[args.dataset]):
         if getattr(args, name) is None:
             setattr(args, name, value)
     check_args(args)
@@ -201,11 +182,10 @@ def read_config(path):
     try:
         with open(path) as f:
             text = f.read()
+        cfg = json.loads(text)
     except OSError as e:
         fail(f"--config: cannot read {path} ({e.strerror}); give a JSON or YAML file of flag values")
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError:  # not JSON: YAML, where PyYAML is installed
         try:
             import yaml
             cfg = yaml.safe_load(text)
@@ -262,9 +242,9 @@ def sample_toy(name, n, rng=np.random):
     """n points of a toy set as a float32 tensor [n, 2]; rng is np.random (seeded, checkpointed) or a RandomState."""
     if name == "swissroll":
         x = roll_curve(1.5 * math.pi * (1 + 2 * rng.rand(n))) + 0.25 / 7.5 * rng.randn(n, 2)
-        return torch.from_numpy(x.astype(np.float32))
-    centres, std = toy_modes(name)
-    x = centres.numpy()[rng.randint(0, len(centres), n)] + std * rng.randn(n, 2)
+    else:
+        centres, std = toy_modes(name)
+        x = centres.numpy()[rng.randint(0, len(centres), n)] + std * rng.randn(n, 2)
     return torch.from_numpy(x.astype(np.float32))
 
 
@@ -386,6 +366,14 @@ def eval_mode(module):
         module.train(was_training)
 
 
+def descend(opt, loss):
+    """One optimizer step on `loss`; returns the loss, detached."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def critic_step(generator, critic, opt_critic, real, args, penalize=True):
     """One WGAN-GP critic update; the penalty only when `penalize` (every --gp-every-th step), weighted
     lambda * K so that its average weight stays lambda."""
@@ -406,20 +394,13 @@ def critic_step(generator, critic, opt_critic, real, args, penalize=True):
         pull = critic(lo + (hi - lo) * torch.rand_like(real)).pow(2).mean()
         loss = loss + args.zero_pull * pull
         out["zero_pull"] = pull.detach()
-    opt_critic.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_critic.step()
-    return {"loss_critic": loss.detach(), **out}
+    return {"loss_critic": descend(opt_critic, loss), **out}
 
 
 def morph_step(generator, critic, morpher, opt_morph, args):
     z = sample_z(args.batch_size, args.latent_dim, next(morpher.parameters()).device)
-    with frozen(generator, critic):
-        score = critic(generator(morpher(z))).mean()  # minimised: find the latents the critic scores worst
-        opt_morph.zero_grad(set_to_none=True)
-        score.backward()
-    opt_morph.step()
-    return {"loss_morph": score.detach()}
+    with frozen(generator, critic):  # minimised: find the latents the critic scores worst
+        return {"loss_morph": descend(opt_morph, critic(generator(morpher(z))).mean())}
 
 
 def generator_step(generator, critic, opt_generator, args, morpher=None):
@@ -428,11 +409,7 @@ def generator_step(generator, critic, opt_generator, args, morpher=None):
         with torch.no_grad():
             z = morpher(z)
     with frozen(critic):
-        loss = -critic(generator(z)).mean()
-        opt_generator.zero_grad(set_to_none=True)
-        loss.backward()
-    opt_generator.step()
-    return {"loss_gen": loss.detach()}
+        return {"loss_gen": descend(opt_generator, -critic(generator(z)).mean())}
 
 
 def build_nets(args, device):
@@ -447,19 +424,16 @@ def build_nets(args, device):
 def train_step(nets, next_real, it, args):
     """Generator step `it` (1-based): its critic steps (the penalty on every --gp-every-th), the morpher's steps
     (none with --no-morph) and the generator update. Returns every loss, stacked."""
-    losses = []
+    outs = []
     for j in range(args.critic_its):
         penalize = ((it - 1) * args.critic_its + j) % args.gp_every == 0
-        out = critic_step(nets.generator, nets.critic, nets.opt_critic, next_real(), args, penalize)
-        nets.stats.update(out)
-        losses.append(out["loss_critic"])
+        outs.append(critic_step(nets.generator, nets.critic, nets.opt_critic, next_real(), args, penalize))
     for _ in range(args.morph_its if nets.use_morph is not None else 0):
-        out = morph_step(nets.generator, nets.critic, nets.morpher, nets.opt_morph, args)
+        outs.append(morph_step(nets.generator, nets.critic, nets.morpher, nets.opt_morph, args))
+    outs.append(generator_step(nets.generator, nets.critic, nets.opt_generator, args, morpher=nets.use_morph))
+    for out in outs:
         nets.stats.update(out)
-        losses.append(out["loss_morph"])
-    out = generator_step(nets.generator, nets.critic, nets.opt_generator, args, morpher=nets.use_morph)
-    nets.stats.update(out)
-    return torch.stack(losses + [out["loss_gen"]])
+    return torch.stack([out[k] for out in outs for k in out if k.startswith("loss_")])
 
 
 @torch.no_grad()
@@ -513,19 +487,18 @@ def write_plots(run_dir, it, history, generator, critic, morpher, z, real):
     side = torch.linspace(-1, 1, 61)
     grid = torch.zeros(61 * 61, z.shape[1], device=z.device)  # first two latent dims, the rest 0
     grid[:, :2] = torch.stack(torch.meshgrid(side, side, indexing="xy"), -1).reshape(-1, 2)
-    fig, axes = plt.subplots(1, 1 if morpher is None else 2, figsize=(5 if morpher is None else 10, 4.2), squeeze=False)
-    im = axes[0, 0].imshow(critic(generator(grid)).cpu().reshape(61, 61), origin="lower", extent=(-1, 1, -1, 1))
-    fig.colorbar(im, ax=axes[0, 0])
-    axes[0, 0].set(title="D(G(z)) over the latent square", xlabel="z1", ylabel="z2")
+    panels = [(grid, "D(G(z)) over the latent square")]
+    if morpher is not None:
+        panels.append((morpher(grid), "NM(z) arrows over D(G(NM(z)))"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    for ax, (latents, title) in zip(axes[0], panels):
+        im = ax.imshow(critic(generator(latents)).cpu().reshape(61, 61), origin="lower", extent=(-1, 1, -1, 1))
+        fig.colorbar(im, ax=ax)
+        ax.set(title=title, xlabel="z1", ylabel="z2")
     if morpher is not None:
         sub = grid.reshape(61, 61, -1)[::4, ::4].reshape(-1, z.shape[1])
-        moved = morpher(sub)
-        im = axes[0, 1].imshow(critic(generator(morpher(grid))).cpu().reshape(61, 61), origin="lower",
-                               extent=(-1, 1, -1, 1))
-        fig.colorbar(im, ax=axes[0, 1])
-        d = (moved - sub)[:, :2].cpu()
+        d = (morpher(sub) - sub)[:, :2].cpu()
         axes[0, 1].quiver(*sub[:, :2].cpu().T, *d.T, angles="xy", scale_units="xy", scale=1, color="white", width=0.004)
-        axes[0, 1].set(title="NM(z) arrows over D(G(NM(z)))", xlabel="z1", ylabel="z2")
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "latent.png"), dpi=80)
     plt.close(fig)
@@ -566,8 +539,7 @@ def load_inception(args, device):
     except Exception as e:
         fail(f"--fid-weights: cannot load {args.fid_weights} as torch-fidelity's Inception weights "
              f"({type(e).__name__})")
-    cpu = device.type == "cpu"
-    return net.eval().to(device, memory_format=torch.channels_last if cpu else torch.preserve_format)
+    return net.eval().to(device, memory_format=torch.channels_last if device.type == "cpu" else torch.preserve_format)
 
 
 @torch.no_grad()
@@ -679,19 +651,14 @@ class RunLog:
 
     def __init__(self, run_dir, history, total):
         self.file = open(os.path.join(run_dir, "metrics.jsonl"), "w")
-        for record in history:
-            self.file.write(json.dumps(record) + "\n")
-        self.writer, self.bar = None, None
-        try:
+        self.file.writelines(json.dumps(record) + "\n" for record in history)
+        self.writer = self.bar = None
+        with suppress(ImportError):  # TensorBoard and the bar are optional
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(run_dir, purge_step=history[-1]["iter"] + 1 if history else None)
-        except ImportError:
-            pass
-        try:
+        with suppress(ImportError):
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=history[-1]["iter"] if history else 0, dynamic_ncols=True)
-        except ImportError:
-            pass
 
     def log(self, record):
         self.file.write(json.dumps(record) + "\n")
@@ -757,8 +724,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = setup(args)
     inception = load_inception(args, device) if args.fid_every else None
-    toy = args.dataset in TOY
-    if toy:
+    if args.dataset in TOY:
         real_ref = sample_toy(args.dataset, 1000, np.random.RandomState(args.seed + 1))
         next_real = lambda: sample_toy(args.dataset, args.batch_size).to(device)  # noqa: E731
     else:
@@ -798,31 +764,28 @@ def main(argv=None):
                     kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else \
                         "no checkpoint was written"
                     fail(f"non-finite loss at iteration {int(bad)}; training stopped, {kept}", code=1)
-                if log:
-                    with eval_mode(generator):
+                with eval_mode(generator):
+                    if log:
                         scores = evaluate(generator, critic, nets.use_morph, fixed_z, args)
-                    rate = (it - it_last) * args.batch_size * args.critic_its / max(now - t_last, 1e-9)
-                    record = {"iter": it, **{k: v.item() for k, v in nets.stats.items()}, "lr": args.lr,
-                              "images_per_s": rate, "seconds": now - t_start, **scores}
-                    t_last, it_last = now, it
-                    history.append(record)
-                    run.log(record)
-                if sample:
-                    with eval_mode(generator):
+                        rate = (it - it_last) * args.batch_size * args.critic_its / max(now - t_last, 1e-9)
+                        record = {"iter": it, **{k: v.item() for k, v in nets.stats.items()}, "lr": args.lr,
+                                  "images_per_s": rate, "seconds": now - t_start, **scores}
+                        t_last, it_last = now, it
+                        history.append(record)
+                        run.log(record)
+                    if sample:
                         write_plots(run_dir, it, history, generator, critic, nets.use_morph, fixed_z, real_ref)
-                if save:
-                    save_checkpoint(ckpt_path, nets, it, history, args)  # before the FID: it may fail
-                if fid:
-                    with eval_mode(generator):
+                    if save:
+                        save_checkpoint(ckpt_path, nets, it, history, args)  # before the FID: it may fail
+                    if fid:
                         history[-1].update(compute_fid(inception, generator, test_images, args, device, args.out))
-                    run.log({"iter": it, **{k: history[-1][k] for k in ("fid", "kid", "fid_n")}})
-                    save_checkpoint(ckpt_path, nets, it, history, args)
+                        run.log({"iter": it, **{k: history[-1][k] for k in ("fid", "kid", "fid_n")}})
+                        save_checkpoint(ckpt_path, nets, it, history, args)
                 if stop:
                     break
     except KeyboardInterrupt:  # a second signal: out at once, mid-step, so no checkpoint of this state
         run.close()
-        print(f"\n{SCRIPT}: stopped at once by a second signal; the last checkpoint is {ckpt_path}",
-              file=sys.stderr)
+        print(f"\n{SCRIPT}: stopped at once by a second signal; the last checkpoint is {ckpt_path}", file=sys.stderr)
         raise SystemExit(130)
     run.close()
     if stop == "signal":
