@@ -15,29 +15,23 @@ Usage:
     torchrun --nproc_per_node 8 wgan_gp_64.py --data fish/       # data parallel, --batch-size per process
 
 Where this departs from the paper or the seed notebook:
-- The notebook drew the penalty's alpha from N(0, 1) (a bug inherited from an online example); here alpha ~ U(0, 1),
-  one per sample. Its drift was 0.0005 * sum over the batch; here 0.001 * mean D(real)^2 (ProGAN's epsilon).
-  Its critic dropout was 0.4; here 0.5, as its README says. It reused one real batch for all critic steps; here
-  every critic step draws a fresh batch. It ran 4 critic steps; the default here is 5 (`--critic-its 4` = seed).
+- The notebook's penalty alpha was N(0, 1) (a bug from an online example): here U(0, 1), one per sample. Its
+  drift was 0.0005 * sum over the batch: here ProGAN's 0.001 * mean D(real)^2. Its critic dropout was 0.4:
+  here 0.5, as its README says. It reused one real batch for its 4 critic steps: here each critic step draws a
+  fresh batch, 5 by default (`--critic-its 4` = seed).
 - The latent vector is pixel-normalised before the first layer, as in ProGAN.
-- The EMA decay warms up as min(0.999, (1 + t) / (10 + t)) (TensorFlow's ExponentialMovingAverage rule): with a
-  constant 0.999 the average is still 37% the random initial weights after 1,000 steps, so early samples and FIDs
-  would show noise. From step ~9,000 on it is the seed's 0.999; `--no-ema-warmup` gives the constant decay.
-- Keras' `zoom_range=[0.95, 1.2]` divides coordinates, so images are scaled by 1/1.2 .. 1/0.95 here, but with
-  ONE factor for both axes (torchvision's RandomAffine): Keras draws the x and y zooms independently, so its
-  aspect ratio varies and ours does not. Its `fill_mode='nearest'` is reproduced by edge-padding before the
-  affine transform and cropping after it.
-- Real and fake images go through the critic in one forward pass (2N images); minibatch stddev is computed over
-  each half apart, so it never mixes real with fake; the result equals two separate passes.
-- An "epoch" of the learning-rate schedule is one pass of the critic over the data set (each critic step draws
-  a batch), and the learning rate is set once per generator step (rand(a, b) draws a new one each step).
-- Under torchrun the critic's and generator's gradients are all-reduced by hand after backward (as StyleGAN2-ADA
-  does) instead of wrapping the models in DistributedDataParallel: DDP's reducer hooks and
-  `autograd.grad(create_graph=True)` of the penalty do not mix reliably, and a plain all-reduce is exact and
-  simple. Minibatch-stddev statistics are per process. Rank 0 alone writes logs, samples and checkpoints.
+- The EMA decay warms up as min(0.999, (1 + t) / (10 + t)) (TensorFlow's rule): a constant 0.999 is still 37%
+  the random initial weights after 1,000 steps. `--no-ema-warmup` gives the constant decay.
+- Keras' `zoom_range=[0.95, 1.2]` divides coordinates, so images are scaled by 1/1.2 .. 1/0.95, with one factor
+  for both axes (Keras draws two); its `fill_mode='nearest'` is edge-padding before the affine map.
+- Real and fake go through the critic in one pass of 2N images, minibatch stddev computed within each half.
+- A schedule "epoch" is one pass of the critic over the data; the lr is set once per generator step.
+- Under torchrun the gradients are all-reduced by hand after backward (as StyleGAN2-ADA does), not through
+  DistributedDataParallel, whose hooks do not take the penalty's double backward. Minibatch-stddev statistics
+  are per process; rank 0 alone writes logs, samples and checkpoints.
 - The file is longer than SPEC's 300-700 lines: torchrun, exact resume on every rank, --max-time and signals,
   config files through argparse, cached and truncation-safe decoding, in-run FID and the end-of-run figures each
-  take their lines once; moving the torchrun part into its own file would save only some 50-60.
+  take their lines once.
 """
 import argparse
 import copy
@@ -393,41 +387,32 @@ class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, files, args, augment=True, cache=False):
         self.files, self.args, self.images = list(files), args, None
         self.augment = build_augment(args) if augment else None
-        if not cache:
-            try:
-                self.uint8(0)
-            except RuntimeError as e:
-                fail(f"--data {args.data}: {e} (truncated files?)")
-            return
-        kept, images = [], []
-        for path in self.files:
-            try:
-                images.append(self.fit(path))
-                kept.append(path)
-            except OSError:  # truncated after a valid header
-                pass
-        if not kept:
-            fail(f"--data {args.data}: none of its {len(self.files)} images decodes (truncated files?)")
-        if len(kept) < len(self.files):
-            print(f"{SCRIPT}: skipped {len(self.files) - len(kept)} image file(s) that do not decode "
-                  f"(truncated?) of {len(self.files)}")
-        self.files, self.images = kept, torch.stack(images)
+        if cache:
+            fitted = [(path, x) for path in self.files if (x := self.fit(path)) is not None]
+            if fitted and len(fitted) < len(self.files):
+                print(f"{SCRIPT}: skipped {len(self.files) - len(fitted)} image file(s) that do not decode "
+                      f"(truncated?) of {len(self.files)}")
+            self.files = [path for path, _ in fitted]
+            self.images = torch.stack([x for _, x in fitted]) if fitted else None
+        if self.uint8(0) is None:
+            fail(f"--data {args.data}: none of its {len(files)} images decodes (truncated files?)")
 
     def __len__(self):
         return len(self.files)
 
     def fit(self, path):
-        return fit_square(load_image(path, self.args.channels), self.args.image_size, self.args.fit)
+        try:
+            return fit_square(load_image(path, self.args.channels), self.args.image_size, self.args.fit)
+        except OSError:  # truncated after a valid header
+            return None
 
     def uint8(self, index):
         if self.images is not None:
             return self.images[index]
         for step in range(len(self)):  # a file truncated after its header: the next one that decodes
-            try:
-                return self.fit(self.files[(index + step) % len(self)])
-            except OSError:
-                pass
-        raise RuntimeError(f"none of its {len(self)} images decodes")
+            if (x := self.fit(self.files[(index + step) % len(self)])) is not None:
+                return x
+        return None
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, 0)
@@ -879,9 +864,8 @@ def sample_mode(args, device, ckpt):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"--sample-out: cannot create {out} ({e.strerror or type(e).__name__})")
-    z = torch.randn(args.sample, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     written = 0
-    for part in z.split(256):
+    for part in noise(args.sample, args, "cpu", 0).split(256):  # offset 0: the first 64 are the grids' z
         for img in generate(generator, part.to(device)):
             save_image(img, out / f"{written:06d}.png", normalize=True, value_range=(-1, 1))
             written += 1
