@@ -21,14 +21,17 @@ Where this departs from the paper or the seed notebook:
   fresh batch, 5 by default (`--critic-its 4` = seed).
 - The latent vector is pixel-normalised before the first layer, as in ProGAN.
 - The EMA decay warms up as min(0.999, (1 + t) / (10 + t)) (TensorFlow's rule): a constant 0.999 is still 37%
-  the random initial weights after 1,000 steps. `--no-ema-warmup` gives the constant decay.
+  the random initial weights after 1,000 steps, so early samples and FIDs would show noise. `--no-ema-warmup`
+  gives the constant decay.
 - Keras' `zoom_range=[0.95, 1.2]` divides coordinates, so images are scaled by 1/1.2 .. 1/0.95, with one factor
   for both axes (Keras draws two); its `fill_mode='nearest'` is edge-padding before the affine map.
-- Real and fake go through the critic in one pass of 2N images, minibatch stddev computed within each half.
+- Real and fake go through the critic in one pass of 2N images, minibatch stddev computed within each half, so
+  the result equals two separate passes.
 - A schedule "epoch" is one pass of the critic over the data; the lr is set once per generator step.
 - Under torchrun the gradients are all-reduced by hand after backward (as StyleGAN2-ADA does), not through
-  DistributedDataParallel, whose hooks do not take the penalty's double backward. Minibatch-stddev statistics
-  are per process; rank 0 alone writes logs, samples and checkpoints.
+  DistributedDataParallel, whose hooks and the penalty's double backward do not mix reliably; a plain all-reduce
+  is exact and simple. Minibatch-stddev statistics are per process; rank 0 alone writes logs, samples and
+  checkpoints.
 - The file is longer than SPEC's 300-700 lines: torchrun, exact resume on every rank, --max-time and signals,
   config files through argparse, cached and truncation-safe decoding, in-run FID and the end-of-run figures each
   take their lines once.
@@ -394,7 +397,9 @@ class ImageFolder(torch.utils.data.Dataset):
                       f"(truncated?) of {len(self.files)}")
             self.files = [path for path, _ in fitted]
             self.images = torch.stack([x for _, x in fitted]) if fitted else None
-        if self.uint8(0) is None:
+        try:
+            self.uint8(0)
+        except RuntimeError:
             fail(f"--data {args.data}: none of its {len(files)} images decodes (truncated files?)")
 
     def __len__(self):
@@ -412,7 +417,7 @@ class ImageFolder(torch.utils.data.Dataset):
         for step in range(len(self)):  # a file truncated after its header: the next one that decodes
             if (x := self.fit(self.files[(index + step) % len(self)])) is not None:
                 return x
-        return None
+        raise RuntimeError(f"none of its {len(self)} images decodes")
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, 0)
