@@ -23,12 +23,13 @@ Usage:
 Departures from the paper and the seed (PyTorch default initialisation throughout; the paper used N(0, 0.02)); the
 measurements behind them are in bench/RESULTS.md and README.md:
   1. The dcgan critic has BatchNorm after its 2nd and 3rd conv in clip mode, as the paper's DCGAN critic did (its
-     parameters are clipped with the rest), and none in gp mode (`--critic-norm`): without it the clipped critic's
-     input gradient pointed the same way for every sample and pushed every z to one pattern
-     (experiments/wgan_mnist_collapse.py). The generator keeps BatchNorm, in eval mode only for grids and FID images.
-  2. Small nets, for quality per CPU-second: `--g-width`/`--d-width` 16/16 with gp, 16/32 with clip (the paper's
-     DCGAN widths, 64/64, made 259 generator steps in 600 s on one CPU thread, 16/16 2,856); the generator doubles
-     7x7 twice with stride-2 4x4 transposed convs, a kernel divisible by the stride, so no checkerboard.
+     parameters are clipped with the rest), and none in gp mode (`--critic-norm`): without it, in all our runs at
+     lr 5e-5 (k = 1 and 5, c = 0.01 and 0.05), the clipped critic's input gradient pointed the same way for every
+     sample and pushed every z to one pattern (experiments/wgan_mnist_collapse.py). The generator keeps BatchNorm,
+     in eval mode only for grids and FID images.
+  2. Small nets, for quality per CPU-second: `--g-width`/`--d-width` 16/16 with gp, 16/32 with clip; the paper's
+     DCGAN widths are `--g-width 64 --d-width 64` (far fewer steps in the same time). The generator doubles 7x7
+     twice with stride-2 4x4 transposed convs, a kernel divisible by the stride, so no checkerboard.
   3. `--critic-warmup` (100 critic steps for generator steps 0..24 and every 500th) is off by default so that
      short runs compare `--critic-its` settings directly; the paper had it on.
   4. The default optimizer and lr follow `--penalty`, each far better at equal time than the paper's: clip ->
@@ -36,9 +37,9 @@ measurements behind them are in bench/RESULTS.md and README.md:
      the two best lrs). RMSprop has torch's defaults; Adam has betas (0.5, 0.9) in both modes. An explicit
      `--optimizer` keeps the penalty's default lr unless `--lr` is given.
   5. `--gp-every K` pays the penalty on every K-th critic step only, weighted lambda * K (StyleGAN2's lazy
-     regularisation); default 4: the best FID at equal time, and within noise of K = 1 at equal generator steps in
-     two thirds of the time. `--ema` (a moving average of the generator for grids and FID) is off by default: no
-     gain at these budgets.
+     regularisation); default 4: at equal time it scored best, within noise of K = 2, and at equal generator steps
+     it was within noise of K = 1 in two thirds of the time. `--ema` (a moving average of the generator for grids
+     and FID) is off by default: no gain at these budgets.
   6. The whole split is held as one uint8 tensor on the device and batches are drawn by index from a per-epoch
      permutation seeded by (seed, epoch), so `--num-workers` is accepted but unused.
   7. Logged losses and the Wasserstein estimate are means over the steps since the previous log step.
@@ -266,19 +267,23 @@ class Batches:
         self.epoch, self.pos, self.perm = 0, 0, None
 
     def next(self):
-        if self.perm is None or self.pos + self.bs > len(self.perm):  # the first batch, or the epoch is used up
-            self.load_state_dict({"epoch": 0 if self.perm is None else self.epoch + 1, "pos": 0})
+        if self.perm is None or self.pos + self.bs > len(self.perm):
+            self.start_epoch(0 if self.perm is None else self.epoch + 1)
         idx = self.perm[self.pos:self.pos + self.bs]
         self.pos += self.bs
-        return self.images[idx].unsqueeze(1).float().div(127.5).sub(1)  # uint8 [n, 28, 28] -> [n, 1, 28, 28] in [-1, 1]
+        return self.images[idx].unsqueeze(1).float().div(127.5).sub(1)  # [n, 1, 28, 28] in [-1, 1]
+
+    def start_epoch(self, epoch):
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        self.perm = torch.randperm(len(self.images), generator=g).to(self.images.device)
+        self.epoch, self.pos = epoch, 0
 
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos}
 
     def load_state_dict(self, state):
-        g = torch.Generator().manual_seed(self.seed * 100003 + state["epoch"])
-        self.perm = torch.randperm(len(self.images), generator=g).to(self.images.device)
-        self.epoch, self.pos = state["epoch"], state["pos"]
+        self.start_epoch(state["epoch"])
+        self.pos = state["pos"]
 
 
 # --------------------------------------------------------------------------------------------- models
