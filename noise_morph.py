@@ -43,7 +43,8 @@ replaced by the wall-distance-scaled softsign step, which never needs clipping. 
 are wgan_mnist.py's time-to-quality winners (README.md): metrics, plots and FID use the generator in eval mode
 (BatchNorm running statistics), as wgan_mnist.py samples. SIGINT/SIGTERM stop after the current step with a
 checkpoint (exit 130/143); --max-time ends training as --iters does. The file is longer than SPEC's 300-700
-lines: those reliability features, config files through argparse, exact resume, MNIST with FID and the plots.
+lines: those reliability features, config files through argparse, exact resume, MNIST with FID and the plots
+each take their lines once.
 """
 import argparse
 import json
@@ -433,7 +434,7 @@ def train_step(nets, next_real, it, args):
     outs.append(generator_step(nets.generator, nets.critic, nets.opt_generator, args, morpher=nets.use_morph))
     for out in outs:
         nets.stats.update(out)
-    return torch.stack([out[k] for out in outs for k in out if k.startswith("loss_")])
+    return torch.stack([out[k] for out in outs for k in ("loss_critic", "loss_morph", "loss_gen") if k in out])
 
 
 @torch.no_grad()
