@@ -358,7 +358,8 @@ def frozen(*modules):
 
 @contextmanager
 def eval_mode(module):
-    """Metrics, plots and FID see the generator as sampling does: BatchNorm with its running statistics."""
+    """Metrics, plots and FID see the generator as sampling does: BatchNorm with its running statistics (a
+    checkpoint written meanwhile is unaffected: state dicts do not hold the mode)."""
     was_training = module.training
     module.eval()
     try:

@@ -531,10 +531,12 @@ def fid_vs_test(inception, images, test_images, args, device):
     n = len(images)
     data_key = zlib.crc32(str(Path(args.data).resolve()).encode())  # another root, another cache entry
     cache = Path(args.out) / ".fid_cache" / f"{args.dataset}-test-n{n}-seed0-{data_key}.pt"
-    if not cache.is_file():
+    if cache.is_file():
+        real = torch.load(cache)
+    else:
+        real = inception_features(inception, subset(test_images, n, 0), device)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(inception_features(inception, subset(test_images, n, 0), device), cache)
-    real = torch.load(cache)
+        torch.save(real, cache)
     fake = inception_features(inception, images, device)
     fid = fid_statistics_to_metric(fid_features_to_statistics(fake), fid_features_to_statistics(real), False)
     kid = kid_features_to_metric(fake, real, kid_subset_size=min(1000, n), verbose=False)
