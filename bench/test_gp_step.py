@@ -30,8 +30,9 @@ class Spec:
     gp_argv: tuple  # flags for the penalty on, beyond the size flags
     nogp_argv: tuple  # flags for the script's penalty-free step
     nogp_note: str  # what the penalty-free step really is
-    channels_last: bool  # what main() does on CUDA
+    channels_last: bool  # what main() does on CUDA (every script's main also turns TF32 on there)
     cudnn_benchmark: bool
+    fused: bool  # fused Adam kernels
     grouped_critic: bool  # critic(x, groups=k) keeps minibatch stddev within each of k concatenated parts
 
     def noise(self, module, args, n, device):
@@ -46,11 +47,22 @@ class Spec:
         return (getattr(args, "channels", 1), side, side)
 
     def project_optimizer(self, module, generator, critic, args, cuda):
+        """The critic's optimizer as the script's build_nets makes it on a CUDA (cuda=True) or CPU device."""
+        fused = (cuda and self.fused) or None
         if self.module == "wgan_gp_64":
-            return torch.optim.Adam(critic.parameters(), lr=args.lr, betas=tuple(args.betas), eps=1e-8, fused=cuda)
+            return torch.optim.Adam(critic.parameters(), lr=args.lr, betas=tuple(args.betas), eps=1e-8, fused=fused)
         if hasattr(module, "make_optimizers"):
-            return module.make_optimizers(generator, critic, args)[1]
-        return torch.optim.Adam(critic.parameters(), lr=args.lr, betas=(0.5, 0.9))
+            return module.make_optimizers(generator, critic, args, fused=bool(fused))[1]
+        return torch.optim.Adam(critic.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
+
+    def main_layout(self, cuda):
+        return torch.channels_last if cuda and self.channels_last else torch.contiguous_format
+
+    def main_real(self, real, cuda):
+        """The batch as main() hands it to critic_step: wgan_gp_64 moves it in the nets' layout."""
+        if self.module == "wgan_gp_64" and real.dim() == 4:
+            return real.contiguous(memory_format=self.main_layout(cuda))
+        return real
 
     def reference_optimizer(self, critic, args):  # same hyper-parameters, PyTorch's default implementation
         betas = tuple(args.betas) if self.module == "wgan_gp_64" else (0.5, 0.9)
@@ -59,11 +71,11 @@ class Spec:
 
 SPECS = {
     "wgan_gp_64": Spec("wgan_gp_64", (), ("--gp-lambda", "0"),
-                       "--gp-lambda 0: no penalty pass (real+fake in one forward)", True, True, True),
+                       "--gp-lambda 0: no penalty pass (real+fake in one forward)", True, True, True, True),
     "wgan_mnist": Spec("wgan_mnist", ("--penalty", "gp"), ("--penalty", "gp", "--gp-lambda", "0"),
-                       "--penalty gp --gp-lambda 0: no penalty pass", True, False, False),
+                       "--penalty gp --gp-lambda 0: no penalty pass", True, False, True, False),
     "noise_morph": Spec("noise_morph", (), ("--gp-lambda", "0"), "--gp-lambda 0: no penalty pass",
-                        False, False, False),
+                        False, False, False, False),
 }
 SPECS["noise_morph_toy"] = SPECS["noise_morph"]
 
@@ -81,14 +93,11 @@ def load_script(name):
 
 
 @contextmanager
-def cuda_flags(device, tf32, cudnn_benchmark):
-    """The precision flags one case runs under, restored afterwards (the scripts' main() set them globally)."""
-    if device.type != "cuda":
-        yield
-        return
+def cuda_flags(tf32, cudnn_benchmark):
+    """The precision flags one case runs under, TF32 for matmuls and cuDNN convolutions alike, restored
+    afterwards (the scripts' main() set them globally; a CPU ignores them)."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = True if tf32 else saved[1]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = cudnn_benchmark
     try:
         yield
@@ -155,7 +164,7 @@ def assert_same_math(spec, module, args, generator, critic, real, ours=None):
     (of the script's critic_step, or of `ours`, a step with critic_step's signature)."""
     ours = ours or module.critic_step
     device = real.device
-    with cuda_flags(device, tf32=False, cudnn_benchmark=False):
+    with cuda_flags(tf32=False, cudnn_benchmark=False):
         tol = 1e-4 if device.type == "cpu" else 1e-3
         net = copy.deepcopy(critic).eval()  # dropout off, so both sides see one network
         torch.manual_seed(123)
@@ -193,16 +202,18 @@ def setup_case(plan, config, size, variant):
     args = module.parse_args(argv)
     cuda = plan.device.type == "cuda"
     project = variant in ("gp", "nogp", "project+channels_last")
-    layout = torch.channels_last if (
-        (project and cuda and spec.channels_last) or variant == "project+channels_last") else torch.contiguous_format
+    layout = torch.channels_last if variant == "project+channels_last" else (
+        spec.main_layout(cuda) if project else torch.contiguous_format)
     torch.manual_seed(0)
     generator = module.Generator(args).to(plan.device, memory_format=layout)
     critic = module.Critic(args).to(plan.device, memory_format=layout)
     opt = (spec.project_optimizer(module, generator, critic, args, cuda) if project
            else spec.reference_optimizer(critic, args))
     real = torch.rand(batch, *spec.real_shape(args), device=plan.device) * 2 - 1
-    if layout == torch.channels_last and real.dim() == 4 and (spec.module == "wgan_gp_64" or not cuda):
-        real = real.contiguous(memory_format=torch.channels_last)  # as wgan_gp_64's main hands it over
+    if variant == "project+channels_last" and real.dim() == 4:
+        real = real.contiguous(memory_format=torch.channels_last)
+    elif project:
+        real = spec.main_real(real, cuda)
     return spec, module, argv, args, batch, generator, critic, opt, real
 
 
@@ -243,7 +254,7 @@ def run_case(benchmark, plan, record_step, config, size, variant):
                                 argv=" ".join(argv))
     if variant == "nogp":
         benchmark.extra_info["note"] = spec.nogp_note
-    with cuda_flags(plan.device, tf32=project, cudnn_benchmark=spec.cudnn_benchmark if project else False):
+    with cuda_flags(tf32=project, cudnn_benchmark=spec.cudnn_benchmark if project else False):
         out = benchmark.pedantic(timed, rounds=plan.rounds, warmup_rounds=plan.warmup_rounds,
                                  iterations=plan.iterations)
     assert torch.isfinite(out["loss_critic"]).item()
@@ -279,3 +290,76 @@ def test_reference_same_math(plan, config):
     quick_plan.quick = True
     spec, module, _, args, _, generator, critic, _, real = setup_case(quick_plan, config, "default", "ref")
     assert_same_math(spec, module, args, generator, critic, real)
+
+
+def assert_main_setup_math(spec, module, args, generator, critic, real, cuda):
+    """The script's critic_step as main() sets it up on CUDA (its layout, its optimizer with fused Adam where
+    main uses it, TF32 and cudnn.benchmark as main sets them) equals the reference step in strict float32:
+    losses, critic gradients and the optimizer's update. On a CPU the same layout and fused Adam run (TF32 is
+    CUDA's), so CI checks that set-up's math; on CUDA the tolerance is TF32's."""
+    tol = 2e-2 if cuda else 1e-4
+    layout = spec.main_layout(True)
+    nets = {}
+    for side in ("main", "ref"):
+        c = copy.deepcopy(critic).eval()  # dropout off, so both sides see one network
+        g = copy.deepcopy(generator)
+        if side == "main":
+            c, g = c.to(memory_format=layout), g.to(memory_format=layout)
+            opt = spec.project_optimizer(module, g, c, args, cuda=True)
+        else:
+            opt = spec.reference_optimizer(c, args)
+        nets[side] = (g, c, opt, [p.detach().clone() for p in c.parameters()])
+    torch.manual_seed(11)
+    with cuda_flags(tf32=True, cudnn_benchmark=spec.cudnn_benchmark):
+        g, c, opt, _ = nets["main"]
+        mine = module.critic_step(g, c, opt, spec.main_real(real.clone(), True), args)
+    torch.manual_seed(11)
+    with cuda_flags(tf32=False, cudnn_benchmark=False):
+        g, c, opt, _ = nets["ref"]
+        theirs = custom_step(spec, module, g, c, opt, real.clone(), args)
+    for key in ("loss_critic", "wasserstein", "gp"):
+        torch.testing.assert_close(mine[key].float(), theirs[key].float(), rtol=tol, atol=1e-5,
+                                   msg=lambda m: f"{spec.module} as main() sets it up: {key} differs: {m}")
+    (_, c_main, _, before), (_, c_ref, _, _) = nets["main"], nets["ref"]
+    for (name, a), b, p0 in zip(c_main.named_parameters(), c_ref.parameters(), before):
+        err = (a.grad - b.grad).norm() / b.grad.norm().clamp_min(1e-12)
+        assert err < tol * 10, f"{spec.module} as main() sets it up: gradient of {name} differs by {err:.2e}"
+        step_a, step_b = a.detach() - p0, b.detach() - p0
+        err = (step_a - step_b).norm() / step_b.norm().clamp_min(1e-12)
+        assert err < tol * 10, f"{spec.module} as main() sets it up: the update of {name} differs by {err:.2e}"
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_main_setup_same_math(plan, config):
+    """main()'s CUDA set-up (channels_last, fused Adam, TF32, cudnn.benchmark) computes the reference's step."""
+    quick_plan = copy.copy(plan)
+    quick_plan.quick = True
+    spec, module, _, args, _, generator, critic, _, real = setup_case(quick_plan, config, "default", "ref")
+    assert_main_setup_math(spec, module, args, generator, critic, real, plan.device.type == "cuda")
+
+
+@pytest.mark.parametrize("config", ("wgan_gp_64", "wgan_mnist", "noise_morph"))
+def test_project_optimizer_is_mains(config):
+    """The bench's critic optimizer is the one the script's build_nets makes: on a CPU the same class and
+    hyper-parameters, and on CUDA fused exactly where main() passes fused=True (its build_nets on CUDA)."""
+    spec = SPECS[config]
+    module = load_script(spec.module)
+    args = module.parse_args([*spec.gp_argv, "--device", "cpu"])
+    nets = module.build_nets(args, torch.device("cpu"))
+    script = next(getattr(nets, k) for k in ("opt_d", "opt_c", "opt_critic") if hasattr(nets, k))
+    for cuda in (False, True):
+        ours = spec.project_optimizer(module, nets.generator, nets.critic, args, cuda)
+        assert type(ours) is type(script)
+        expected = {**script.defaults, "fused": (cuda and spec.fused) or None}
+        assert {**ours.defaults, "fused": ours.defaults.get("fused") or None} == expected, (config, cuda)
+
+
+def test_cuda_flags_turn_tf32_off_for_matmuls_and_convolutions():
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    for tf32, bench in ((False, False), (True, True)):
+        with cuda_flags(tf32=tf32, cudnn_benchmark=bench):
+            assert torch.backends.cuda.matmul.allow_tf32 is tf32
+            assert torch.backends.cudnn.allow_tf32 is tf32
+            assert torch.backends.cudnn.benchmark is bench
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.benchmark) == saved
