@@ -1,10 +1,12 @@
-"""Where a CPU training run's time goes: torch.profiler over a script's own main() for a short budget.
+"""Where a training run's time goes: torch.profiler over a script's own main() for a short budget.
 
 Each phase of the loop is wrapped in a profiler label without touching the script: the generator's forward
 with and without a graph, the critic's forward, the gradient penalty (its forward and first backward; its
 double backward runs inside the critic step's backward), the critic and generator steps, the moving average,
 the data batches, logging, sample grids and checkpoints. Prints the phases (total CPU seconds, share of the
-run, calls) and the costliest ops, and writes both to .benchmarks/profile_<script>_<time>.txt.
+run, calls) and the costliest ops, and writes both to .benchmarks/profile_<script>_<time>.txt. When the script
+runs on CUDA (its --device is not cpu and a GPU is visible), CUDA activity is recorded too: each phase then
+also shows the GPU time of the kernels it launched, and the ops are ranked by GPU time.
 
     OMP_NUM_THREADS=1 python bench/profile_loop.py wgan_mnist --seconds 60 -- --data ../shared/data --penalty gp
     OMP_NUM_THREADS=1 python bench/profile_loop.py wgan_gp_64 --seconds 60 -- --data ../shared/data/fish \\
@@ -70,8 +72,9 @@ def main():
     out = Path(tempfile.mkdtemp())
     argv = args.flags + ["--max-time", str(args.seconds), "--iters", str(10**9), "--out", str(out),
                          "--run-name", "profile"]
+    cuda = torch.cuda.is_available() and module.parse_args(args.flags).device != "cpu"
     start = time.time()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         module.main(argv)
     wall = time.time() - start
     events = prof.key_averages()
@@ -79,12 +82,14 @@ def main():
                     key=lambda e: -e.cpu_time_total)
     lines = [f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.script}.py "
              f"{' '.join(args.flags)}, {args.seconds:g} s budget, {torch.get_num_threads()} thread(s), "
-             f"{wall:.0f} s wall under the profiler", "",
-             f"{'phase':<34}{'total s':>9}{'share':>8}{'calls':>9}"]
+             f"{wall:.0f} s wall under the profiler" + (f", on {torch.cuda.get_device_name()}" if cuda else ""), "",
+             f"{'phase':<34}{'total s':>9}{'share':>8}{'calls':>9}" + (f"{'GPU s':>9}" if cuda else "")]
     for e in phases:
-        lines.append(f"{e.key:<34}{e.cpu_time_total / 1e6:>9.2f}{e.cpu_time_total / 1e6 / wall:>8.1%}{e.count:>9}")
-    lines += ["", "costliest ops (self CPU):",
-              events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40)]
+        lines.append(f"{e.key:<34}{e.cpu_time_total / 1e6:>9.2f}{e.cpu_time_total / 1e6 / wall:>8.1%}{e.count:>9}"
+                     + (f"{e.device_time_total / 1e6:>9.2f}" if cuda else ""))
+    by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    lines += ["", f"costliest ops (self {'GPU' if cuda else 'CPU'}):",
+              events.table(sort_by=by, row_limit=12, max_name_column_width=40)]
     text = "\n".join(lines)
     print(text)
     (ROOT / ".benchmarks").mkdir(exist_ok=True)
