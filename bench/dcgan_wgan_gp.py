@@ -7,8 +7,13 @@ left at torch's 0.999), batch 16, 5 critic steps per generator step, lambda 10. 
 and centre-cropped to --image-size, in [-1, 1], no augmentation; they are decoded once and kept in memory.
 
     python bench/dcgan_wgan_gp.py --data ../shared/data/fish --image-size 32 --max-time 600 --out runs/dcgan
+
+--device (auto: CUDA when present) puts the nets and the data there; --snapshot-at 75,150,300 keeps the generator
+after the step that crosses each of those training seconds in snapshots/generator_<k>.pt (listed in summary.json),
+with the training clock paused while it saves, so the budget trains as long as without snapshots.
 """
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -32,7 +37,39 @@ def build_parser():
     p.add_argument("--max-time", type=float, default=600.0, help="seconds of training")
     p.add_argument("--iters", type=int, default=10**9, help="generator steps (the time budget usually ends first)")
     p.add_argument("--seed", type=int, default=1, help="random seed")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
+    p.add_argument("--snapshot-at", type=seconds_list, default=[],
+                   help="training seconds (comma-separated) at which to keep the generator in snapshots/, saved "
+                        "off the training clock (the time-to-quality bench's learning curve)")
     return p
+
+
+def seconds_list(text):
+    return sorted(float(s) for s in text.split(",") if s.strip())
+
+
+class Clock:
+    """Training seconds: wall time since the start less the time spent off the clock (saving snapshots)."""
+
+    def __init__(self, now=time.perf_counter):
+        self.now, self.start, self.paused = now, now(), 0.0
+
+    def seconds(self):
+        return self.now() - self.start - self.paused
+
+    @contextlib.contextmanager
+    def off(self):
+        t = self.now()
+        try:
+            yield
+        finally:
+            self.paused += self.now() - t
+
+
+def synchronize(device):
+    """On CUDA the steps queued so far are training time: wait for them before reading or pausing the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class Generator(nn.Module):
@@ -64,7 +101,7 @@ class Critic(nn.Module):
 
 
 def gradient_penalty(critic, real, fake):
-    alpha = torch.rand(real.shape[0], 1, 1, 1)
+    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
     x_hat = (real + alpha * (fake - real)).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
     return (grad.flatten(1).norm(dim=1) - 1).square().mean()
@@ -90,53 +127,70 @@ def load_folder(folder, size):
 @torch.no_grad()
 def sample(generator, n, seed=0):
     """n images in [-1, 1] from the generator in eval mode (BatchNorm running statistics)."""
-    g = torch.Generator().manual_seed(seed)
+    g, device = torch.Generator().manual_seed(seed), next(generator.parameters()).device
     generator.eval()
-    return torch.cat([generator(torch.randn(min(256, n - i), LATENT, generator=g)) for i in range(0, n, 256)])
+    return torch.cat([generator(torch.randn(min(256, n - i), LATENT, generator=g).to(device)).cpu()
+                      for i in range(0, n, 256)])
 
 
-def load_generator(folder):
-    saved = torch.load(Path(folder) / "generator.pt", map_location="cpu")
+def load_generator(path):
+    """The generator of a run folder (its generator.pt) or of one saved file (a snapshot)."""
+    saved = torch.load(Path(path) / "generator.pt" if Path(path).is_dir() else path, map_location="cpu")
     generator = Generator(saved["image_size"])
     generator.load_state_dict(saved["state"])
     return generator
 
 
+def save_snapshot(generator, image_size, out, index, steps, seconds):
+    path = out / "snapshots" / f"generator_{index}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": generator.state_dict(), "image_size": image_size}, path)
+    return {"file": str(path.relative_to(out)), "generator_steps": steps, "seconds": seconds}
+
+
 def main(argv=None):
     from torchvision.utils import save_image
     args = build_parser().parse_args(argv)
+    device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
+                          else "cpu")
     torch.manual_seed(args.seed)
-    images = load_folder(args.data, args.image_size)
-    generator, critic = Generator(args.image_size), Critic(args.image_size)
+    images = load_folder(args.data, args.image_size).to(device)
+    generator, critic = Generator(args.image_size).to(device), Critic(args.image_size).to(device)
     opt_g = torch.optim.Adam(generator.parameters(), lr=LR, betas=BETAS)
     opt_c = torch.optim.Adam(critic.parameters(), lr=LR, betas=BETAS)
-    order, pos, steps = torch.randperm(len(images)), 0, 0
-    start = time.time()
-    while steps < args.iters and time.time() - start < args.max_time:
+    order, pos, steps, snapshots, due = torch.randperm(len(images)), 0, 0, [], list(args.snapshot_at)
+    out = Path(args.out)
+    clock = Clock()
+    while steps < args.iters and clock.seconds() < args.max_time:
         for _ in range(N_CRITIC):
             if pos + BATCH > len(order):
                 order, pos = torch.randperm(len(images)), 0
-            real, pos = images[order[pos:pos + BATCH]].float() / 127.5 - 1, pos + BATCH
+            real, pos = images[order[pos:pos + BATCH].to(device)].float() / 127.5 - 1, pos + BATCH
             with torch.no_grad():
-                fake = generator(torch.randn(BATCH, LATENT))
+                fake = generator(torch.randn(BATCH, LATENT, device=device))
             loss = critic(fake).mean() - critic(real).mean() + LAMBDA * gradient_penalty(critic, real, fake)
             opt_c.zero_grad(set_to_none=True)
             loss.backward()
             opt_c.step()
         critic.requires_grad_(False)
-        loss_g = -critic(generator(torch.randn(BATCH, LATENT))).mean()
+        loss_g = -critic(generator(torch.randn(BATCH, LATENT, device=device))).mean()
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
         critic.requires_grad_(True)
         steps += 1
-    seconds = time.time() - start
-    out = Path(args.out)
+        if due and clock.seconds() >= due[0]:  # after the step that crosses the moment, as --max-time stops
+            synchronize(device)
+            with clock.off():
+                snapshots.append(save_snapshot(generator, args.image_size, out, len(snapshots), steps, clock.seconds()))
+            due = [t for t in due if t > clock.seconds()]
+    synchronize(device)
+    seconds = clock.seconds()
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"state": generator.state_dict(), "image_size": args.image_size}, out / "generator.pt")
     save_image(sample(generator, 64) * 0.5 + 0.5, out / "grid.png", nrow=8)
     summary = {"generator_steps": steps, "seconds": seconds, "images": len(images), "loss_critic": loss.item(),
-               "loss_gen": loss_g.item()}
+               "loss_gen": loss_g.item(), "device": str(device), "snapshots": snapshots}
     (out / "summary.json").write_text(json.dumps(summary))
     print(f"dcgan_wgan_gp: {steps} generator steps in {seconds:.0f} s on {len(images)} images; {out}")
     return summary

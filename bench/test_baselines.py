@@ -82,3 +82,39 @@ def test_dcgan_baseline_trains_on_a_folder_and_reloads(tmp_path):
     assert summary["generator_steps"] == 2 and summary["images"] == 40
     images = dcgan.sample(dcgan.load_generator(tmp_path / "o"), 5)
     assert images.shape == (5, 3, 32, 32) and images.abs().max() <= 1
+
+
+@pytest.mark.parametrize("module", [mlp, dcgan])
+def test_baseline_clock_leaves_out_the_time_off_it(module):
+    now = [100.0]
+    clock = module.Clock(now=lambda: now[0])
+    now[0] = 103.0
+    assert clock.seconds() == 3
+    with clock.off():
+        now[0] = 150.0
+    assert clock.seconds() == 3
+    now[0] = 151.0
+    assert clock.seconds() == 4
+
+
+def test_dcgan_baseline_snapshots_off_the_clock(tmp_path, monkeypatch):
+    """A snapshot that takes longer than the whole budget still leaves the budget to train in."""
+    import time
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    original = dcgan.save_snapshot
+
+    def slow(*a, **k):
+        time.sleep(3)
+        return original(*a, **k)
+
+    monkeypatch.setattr(dcgan, "save_snapshot", slow)
+    summary = dcgan.main(["--data", str(tmp_path), "--max-time", "2", "--snapshot-at", "0", "--device", "cpu",
+                          "--out", str(tmp_path / "o")])
+    assert summary["device"] == "cpu" and 2 <= summary["seconds"] < 5, summary
+    assert summary["generator_steps"] >= 2, summary  # it trained on after the 3 s snapshot
+    (snap,) = summary["snapshots"]
+    assert snap["generator_steps"] == 1 and snap["seconds"] < 2, snap
+    images = dcgan.sample(dcgan.load_generator(tmp_path / "o" / snap["file"]), 3)
+    assert images.shape == (3, 3, 32, 32)
