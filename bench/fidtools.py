@@ -104,13 +104,25 @@ def extractor(weights, cuda):
     return EXTRACTORS[str(weights), cuda]
 
 
+def cache_file(cache_name, cuda):
+    """Where features cached under cache_name live: one file per device, as Inception's convolutions run in TF32
+    on CUDA and its features differ from the CPU's in the last digits."""
+    return CACHE_ROOT / f"{cache_name}-{'cuda' if cuda else 'cpu'}.pt"
+
+
 @torch.no_grad()
 def features(images, weights, cuda, cache_name=None):
     """Inception pool features [n, 2048] of a dataset of uint8 [3, H, W] items, read from / written to the
-    cache when named. Batches of 25 on a CPU (measured faster than 100), 250 on CUDA, no loader workers."""
-    path = CACHE_ROOT / f"{cache_name}.pt" if cache_name else None
+    cache when named; a cache file that does not load or holds another n is computed again. Batches of 25 on a
+    CPU (measured faster than 100), 250 on CUDA, no loader workers."""
+    path = cache_file(cache_name, cuda) if cache_name else None
     if path is not None and path.is_file():
-        return torch.load(path)
+        try:
+            cached = torch.load(path)
+        except Exception:  # cut short by a killed run, or written by another torch: recomputed below
+            cached = None
+        if isinstance(cached, torch.Tensor) and cached.shape == (len(images), 2048):
+            return cached
     net, batch, parts = extractor(weights, cuda), 250 if cuda else 25, []
     for start in range(0, len(images), batch):
         x = torch.stack([images[i] for i in range(start, min(len(images), start + batch))])
@@ -118,7 +130,8 @@ def features(images, weights, cuda, cache_name=None):
     out = torch.cat(parts)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(out, path)
+        torch.save(out, path.with_suffix(".tmp"))  # whole or not at all: a killed run leaves no half file
+        path.with_suffix(".tmp").replace(path)
     return out
 
 

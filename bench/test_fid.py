@@ -11,9 +11,10 @@ none is named, from a short run of the script's main() with tiny sizes in a temp
 generator steps; its FID only shows that the pipeline works). n = WGAN_FID_N (default 20 with --bench-quick,
 200 on CPU, 5000 on CUDA). FID is biased at small n: compare only at the same n; the real-vs-real floor at the
 same n (another n real images against the same real set) is given with each FID, except under --bench-quick.
-Real features are cached in .benchmarks/fid_cache under a name holding the split, image size, n and a hash of
-the data path. Inception weights: $WGAN_FID_WEIGHTS or ../shared/models/weights-inception-2015-12-05-6726825d.pth
-(skipped when absent; nothing is downloaded).
+Real features are cached in .benchmarks/fid_cache under a name holding the split, image size, n, a hash of
+the data path and the device (CPU and CUDA features differ slightly); a cache that does not load is recomputed.
+Inception weights: $WGAN_FID_WEIGHTS or ../shared/models/weights-inception-2015-12-05-6726825d.pth (skipped when
+absent; nothing is downloaded).
 """
 import importlib
 import os
@@ -140,3 +141,29 @@ def test_fast_path_equals_calculate_metrics(plan, fid_weights, tmp_path):
     assert fid > 1
     assert fid == pytest.approx(m["frechet_inception_distance"], rel=1e-3)
     assert kid == pytest.approx(m["kernel_inception_distance_mean"], rel=1e-3, abs=1e-5)
+
+
+def test_feature_cache_is_per_device_and_recomputed_when_it_does_not_load(tmp_path, monkeypatch):
+    """Inception runs its convolutions in TF32 on CUDA: CPU and CUDA features are cached apart. A cache file that
+    does not load, or holds another number of images, is computed again and replaced."""
+    import fidtools
+    calls = []
+
+    def fake_extractor(weights, cuda):
+        def net(x):
+            calls.append(len(x))
+            return [x.float().flatten(1)[:, :1].repeat(1, 2048)]
+        return net
+
+    monkeypatch.setattr(fidtools, "CACHE_ROOT", tmp_path)
+    monkeypatch.setattr(fidtools, "extractor", fake_extractor)
+    images = Images(3, lambda i: torch.full((3, 4, 4), i, dtype=torch.uint8))
+    first = fidtools.features(images, None, False, "real")
+    path = fidtools.cache_file("real", False)
+    assert calls == [3] and path.is_file() and path != fidtools.cache_file("real", True)
+    assert torch.equal(fidtools.features(images, None, False, "real"), first) and calls == [3]  # read back
+    path.write_bytes(b"cut short")
+    assert torch.equal(fidtools.features(images, None, False, "real"), first) and calls == [3, 3]
+    torch.save(torch.zeros(2, 2048), path)  # features of another n under this name
+    assert torch.equal(fidtools.features(images, None, False, "real"), first) and calls == [3, 3, 3]
+    assert torch.equal(torch.load(path), first)
