@@ -71,6 +71,7 @@ LOGGED = ("loss_critic", "wasserstein", "gp", "drift", "loss_gen")
 CPU_RECIPE = ("--image-size 32 --g-channels 32 --d-channels 32 --batch-size 16 --critic-its 2 --critic-dropout 0 "
               "--lr 4e-4 --gp-every 4 --no-augment --max-time 15m")  # bench/RESULTS.md: fish on 2 CPU cores
 CACHE_BYTES = 2 * 2 ** 30  # --cache-images holds at most this much uint8 image data per process
+AGREE_EVERY = 10  # under torchrun the ranks compare stop requests every this many steps: each compare waits for the GPU
 NOT_FROM_FILES = {"config", "resume", "run_name", "sample", "sample_out"}  # said on the command line only
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -422,9 +423,9 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, 0)
         x = self.uint8(index).float() / 255
-        if self.augment:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+        if self.augment:  # torchvision draws from the global CPU generator: seed it alone (torch.manual_seed
+            with torch.random.fork_rng(devices=[]):  # would reseed CUDA's, i.e. the training noise) and put it back
+                torch.default_generator.manual_seed(seed)
                 x = self.augment(x)
         return x * 2 - 1
 
@@ -827,15 +828,20 @@ def inception_features(inception, images, device):
     return torch.cat([inception(chunk.to(device))[0].cpu() for chunk in chunks])
 
 
+def fid_cache(args, n, device):
+    """Where the real images' features are kept. Keyed by the device type too: Inception runs in TF32 on CUDA.
+    ("upright": images are read with their EXIF orientation applied; caches made before that are not reused.)"""
+    what = f"{Path(args.data).resolve()}|{args.image_size}|{args.channels}|{args.fit}|{n}|upright|{device.type}"
+    return Path(args.out) / ".fid_cache" / f"real-{hashlib.sha1(what.encode()).hexdigest()[:16]}.pt"
+
+
 def compute_fid(inception, generator, data, args, device):
     """FID and KID (torch-fidelity's metric code) of the generator against up to --fid-samples training images
     (fitted, not augmented), whose features are cached under --out."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     n = min(args.fid_samples, len(data))
-    # "upright": images are read with their EXIF orientation applied; caches made before that are not reused
-    what = f"{Path(args.data).resolve()}|{args.image_size}|{args.channels}|{args.fit}|{n}|upright"
-    cache = Path(args.out) / ".fid_cache" / f"real-{hashlib.sha1(what.encode()).hexdigest()[:16]}.pt"
+    cache = fid_cache(args, n, device)
     if cache.is_file():
         real = torch.load(cache)
     else:
@@ -878,21 +884,25 @@ def sample_mode(args, device, ckpt):
 
 
 # -------------------------------------------------------------------------- run folder and checkpoint
-def rng_state():
+def rng_state(device):
+    """This process's generators; of CUDA's only the device in use (a list of one), so that a resume with fewer
+    visible GPUs restores it."""
     np_state = np.random.get_state()
     return {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
                                                      *np_state[2:]),
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and device.type == "cuda":  # older checkpoints hold one state per visible GPU
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state(cuda[device.index] if len(cuda) > 1 and device.index < len(cuda) else cuda[0],
+                                 device)
 
 
 def settings(args):
@@ -902,10 +912,11 @@ def settings(args):
 def save_checkpoint(path, nets, args, iteration, images_seen, world):
     """Nets, optimizers, progress, every rank's RNG (gathered under torchrun) and the settings; rank 0 writes
     them to a temporary file that replaces `path` only when complete."""
-    rngs = [rng_state()]
+    device = next(nets.generator.parameters()).device
+    rngs = [rng_state(device)]
     if world > 1:
         rngs = [None] * world
-        dist.all_gather_object(rngs, rng_state())
+        dist.all_gather_object(rngs, rng_state(device))
         if dist.get_rank() != 0:
             return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -939,19 +950,20 @@ def load_checkpoint(path):
     return ckpt
 
 
-def restore(ckpt, nets, args, rank, world):
-    """Nets, optimizers (with the command line's --lr in force), the EMA (started from the generator when the
-    checkpoint has none) and this rank's RNG. Returns (iteration, images seen)."""
+def restore(ckpt, nets, args, rank, world, device):
+    """Nets, optimizers (with the command line's --lr in force, fused Adam on CUDA whatever device wrote them),
+    the EMA (started from the generator when the checkpoint has none) and this rank's RNG. Returns (iteration,
+    images seen)."""
     nets.generator.load_state_dict(ckpt["generator"])
     nets.critic.load_state_dict(ckpt["critic"])
     if nets.ema is not None:
         nets.ema.load_state_dict(ckpt.get("ema") or ckpt["generator"])
     for opt, key in ((nets.opt_g, "opt_generator"), (nets.opt_d, "opt_critic")):
-        opt.load_state_dict(ckpt[key])
-        for group in opt.param_groups:
-            group["lr"] = args.lr
+        groups = [{**g, "lr": args.lr, "fused": device.type == "cuda", "foreach": None}
+                  for g in ckpt[key]["param_groups"]]  # set before loading: fused Adam keeps its steps on the GPU
+        opt.load_state_dict({**ckpt[key], "param_groups": groups})
     states = ckpt["rng"]
-    set_rng_state(states[rank] if len(states) == world else states[0])
+    set_rng_state(states[rank] if len(states) == world else states[0], device)
     if len(states) != world:  # resumed under another process count: fresh, distinct noise per rank
         torch.manual_seed(args.seed + 7919 * ckpt["iteration"] + rank)
     return ckpt["iteration"], ckpt["images_seen"]
@@ -1054,7 +1066,8 @@ def setup(args):
         fail("--device cuda: no CUDA device is visible; use --device cpu")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))  # modulo: launchers that show each process one GPU
+    device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -1083,7 +1096,7 @@ def main(argv=None):
     nets = build_nets(args, device)
     shown = nets.ema if nets.ema is not None else nets.generator  # what grids, figures and FIDs show
     torch.manual_seed(args.seed + rank)  # different noise per rank
-    start, images_seen = restore(ckpt, nets, args, rank, world) if ckpt else (0, 0)
+    start, images_seen = restore(ckpt, nets, args, rank, world, device) if ckpt else (0, 0)
     stages = parse_schedule(args.lr_schedule) if args.lr_schedule else None
     loader, per_epoch = make_loader(data, args, rank, world, images_seen, device)
     fixed_z = noise(64, args, device, 0)
@@ -1105,8 +1118,9 @@ def main(argv=None):
                 meter.add(iteration, train_step(nets, loader, iteration, lr, args, device))
                 images_seen += args.critic_its * batch
                 now = time.time()
-                stop = int(agree(2.0 if signals.received else float(bool(deadline and now >= deadline)), device,
-                                 world, dist.ReduceOp.MAX))  # 1: on time, 2: a signal; every rank stops together
+                if world == 1 or iteration % AGREE_EVERY == 0:  # 1: on time, 2: a signal; all ranks stop together
+                    stop = int(agree(2.0 if signals.received else float(bool(deadline and now >= deadline)),
+                                     device, world, dist.ReduceOp.MAX))
                 last = iteration == args.iters or stop
                 fid_due = args.fid_every and (iteration % args.fid_every == 0 or last) and stop != 2
                 ckpt_due = (args.ckpt_every and iteration % args.ckpt_every == 0) or last or fid_due

@@ -576,7 +576,7 @@ def test_ema_of_a_run_without_one_starts_from_the_generator(tmp_path, folder):
     generator, critic = w.Generator(args), w.Critic(args)
     nets = argparse.Namespace(generator=generator, critic=critic, ema=w.Generator(args),
                               opt_g=torch.optim.Adam(generator.parameters()), opt_d=torch.optim.Adam(critic.parameters()))
-    w.restore(ckpt, nets, args, 0, 1)
+    w.restore(ckpt, nets, args, 0, 1, torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(nets.ema.parameters(), generator.parameters()))
 
 
