@@ -47,6 +47,8 @@ lines: those reliability features, config files through argparse, exact resume, 
 each take their lines once.
 """
 import argparse
+import errno
+import fcntl
 import json
 import math
 import os
@@ -57,23 +59,42 @@ import sys
 import threading
 import time
 import zlib
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, closing, contextmanager, suppress
 
+SCRIPT = "noise_morph.py"
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP (a closed terminal) is treated as SIGTERM
+
+
+def exit_code(signum):
+    return 130 if signum == signal.SIGINT else 143
+
+
+def interrupted(signum, when):
+    print(f"{SCRIPT}: interrupted by {signal.Signals(signum).name} {when}", file=sys.stderr)
+    raise SystemExit(exit_code(signum))
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
+if __name__ == "__main__":  # SIGTERM or SIGHUP while torch loads: one line below, not a silent death
+    for sig in SIGNALS[1:]:
+        signal.signal(sig, raise_interrupt)
 try:
     import numpy as np
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-except KeyboardInterrupt:  # Ctrl-C while torch loads: no traceback
-    print("noise_morph.py: interrupted while starting", file=sys.stderr)
-    raise SystemExit(130)
+except KeyboardInterrupt as e:
+    interrupted(e.args[0] if e.args else signal.SIGINT, "during start-up; nothing saved")
 
-SCRIPT = "noise_morph.py"
 TOY = ("8gaussians", "25gaussians", "swissroll")
 PER_DATASET = ("width", "gp_lambda", "latent_dim", "batch_size", "lr", "gp_every")  # None: DEFAULTS[dataset]
 DEFAULTS = {**{name: (512, 0.1, 2, 256, 1e-4, 1) for name in TOY}, "mnist": (16, 10.0, 128, 64, 8e-4, 4)}
 COVER_SHARE = 0.2
 NOT_FROM_FILES = ("config", "resume", "run_name")  # said on the command line only
+NETWORK = ("dataset", "width", "latent_dim", "morph_width")  # they shape the nets: a resume must keep them
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -144,7 +165,8 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     resume = args.resume and checkpoint_file(args.resume)
-    tokens = as_flags(load_checkpoint(resume)["args"], f"--resume {resume}", parser) if resume else []
+    saved = load_checkpoint(resume)["args"] if resume else {}
+    tokens = as_flags(saved, f"--resume {resume}", parser) if resume else []
     if args.config:
         tokens += as_flags(read_config(args.config), f"--config {args.config}", parser)
     args = parser.parse_args(tokens + argv)  # the same flags again, after the files' values
@@ -152,6 +174,10 @@ def parse_args(argv=None):
     for name, value in zip(PER_DATASET, DEFAULTS[args.dataset]):
         if getattr(args, name) is None:
             setattr(args, name, value)
+    for name in NETWORK:
+        if name in saved and getattr(args, name) != saved[name]:
+            fail(f"--resume: --{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
+                 f"{saved[name]}; the networks would not match (start a new run to change it)")
     check_args(args)
     return args
 
@@ -202,6 +228,7 @@ def read_config(path):
 def check_args(args):
     checks = [
         (args.iters >= 1, f"--iters must be >= 1 (got {args.iters})"),
+        (0 <= args.seed < 2 ** 32, f"--seed must be in [0, 2**32), numpy's range (got {args.seed})"),
         (args.critic_its >= 1, f"--critic-its must be >= 1 (got {args.critic_its})"),
         (args.morph_its >= 0, f"--morph-its must be >= 0 (got {args.morph_its})"),
         (args.batch_size >= 1, f"--batch-size must be >= 1 (got {args.batch_size})"),
@@ -267,12 +294,24 @@ def toy_metrics(name, x):
 def load_mnist(args, train=True):
     """MNIST train (or test) images as a float tensor [N, 1, 28, 28] in [-1, 1]."""
     import torchvision
+    folder = os.path.join(args.data, "MNIST", "raw")
+    split = "train" if train else "t10k"
+    present = all(os.path.isfile(os.path.join(folder, f"{split}-{kind}")) for kind in ("images-idx3-ubyte",
+                                                                                       "labels-idx1-ubyte"))
+    if not present and not args.download:
+        fail(f"--data: MNIST not found under {folder}; point --data at the torchvision root or add --download")
     try:
-        ds = torchvision.datasets.MNIST(args.data, train=train, download=args.download)
-    except RuntimeError:
-        fail(f"--data: MNIST not found under {args.data}/MNIST/raw; point --data at the torchvision root "
-             "or add --download")
-    return ds.data.unsqueeze(1).float() / 127.5 - 1
+        ds = torchvision.datasets.MNIST(args.data, train=train, download=args.download and not present)
+        images = ds.data
+    except Exception as e:  # torchvision's reader asserts, or fails on a short or gzipped file
+        fail(f"--data: cannot read the MNIST {split} files in {folder} ({type(e).__name__}); they may be truncated "
+             "or not idx files: delete them and fetch them again with --download" if present else
+             f"--download: could not fetch MNIST into {folder} ({type(e).__name__}); check the network or copy "
+             "the idx files there")
+    if tuple(images.shape[1:]) != (28, 28) or len(images) != len(ds.targets):
+        fail(f"--data: the MNIST {split} files in {folder} hold {len(images)} images of "
+             f"{'x'.join(map(str, images.shape[1:]))} and {len(ds.targets)} labels, not MNIST's 28x28 with a label each")
+    return images.unsqueeze(1).float() / 127.5 - 1
 
 
 def sample_z(n, d, device, generator=None):
@@ -417,8 +456,11 @@ def generator_step(generator, critic, opt_generator, args, morpher=None):
 def build_nets(args, device):
     """Generator, critic, noise morpher and their Adams; `use_morph` is the morpher, or None with --no-morph."""
     generator, critic, morpher = Generator(args).to(device), Critic(args).to(device), NoiseMorpher(args).to(device)
-    opts = [torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.9)) for m in (generator, critic, morpher)]
+    fused = torch.device(device).type == "cuda" or None  # one kernel per step on CUDA; the default elsewhere
+    opts = [torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
+            for m in (generator, critic, morpher)]
     return argparse.Namespace(generator=generator, critic=critic, morpher=morpher, modules=(generator, critic, morpher),
+                              device=torch.device(device),
                               opts=opts, opt_generator=opts[0], opt_critic=opts[1], opt_morph=opts[2], stats={},
                               use_morph=None if args.no_morph else morpher)
 
@@ -466,7 +508,8 @@ def write_plots(run_dir, it, history, generator, critic, morpher, z, real):
     ax.axhline(0, color="grey", lw=0.5)
     ax.set(xlabel="generator step", ylabel="mean critic score", title="critic scores on a fixed z")
     ax.legend()
-    fig.savefig(os.path.join(run_dir, "scores.png"), dpi=80)
+    with replacing(os.path.join(run_dir, "scores.png")) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
     if real is None:
         return write_mnist_images(run_dir, it, generator, morpher, z)
@@ -482,8 +525,10 @@ def write_plots(run_dir, it, history, generator, critic, morpher, z, real):
     ax.scatter(*fake.T, s=2, c="white", label="generated")
     ax.set(title=f"critic at step {it}", xlim=(-lim, lim), ylim=(-lim, lim))
     ax.legend(loc="upper right")
-    fig.savefig(os.path.join(run_dir, "critic_contour.png"), dpi=80)
-    fig.savefig(os.path.join(run_dir, "samples", f"iter_{it:06d}.png"), dpi=60)
+    for path, dpi in ((os.path.join(run_dir, "critic_contour.png"), 80),
+                      (os.path.join(run_dir, "samples", f"iter_{it:06d}.png"), 60)):
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
 
     side = torch.linspace(-1, 1, 61)
@@ -502,7 +547,8 @@ def write_plots(run_dir, it, history, generator, critic, morpher, z, real):
         d = (morpher(sub) - sub)[:, :2].cpu()
         axes[0, 1].quiver(*sub[:, :2].cpu().T, *d.T, angles="xy", scale_units="xy", scale=1, color="white", width=0.004)
     fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "latent.png"), dpi=80)
+    with replacing(os.path.join(run_dir, "latent.png")) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
 
 
@@ -513,7 +559,8 @@ def to_uint8(x):
 def write_mnist_images(run_dir, it, generator, morpher, z):
     from PIL import Image
     from torchvision.utils import make_grid, save_image
-    save_image(generator(z[:64]) * 0.5 + 0.5, os.path.join(run_dir, "samples", f"iter_{it:06d}.png"), nrow=8)
+    with replacing(os.path.join(run_dir, "samples", f"iter_{it:06d}.png")) as tmp:
+        save_image(generator(z[:64]) * 0.5 + 0.5, tmp, nrow=8, format="png")
     corner = torch.where(z[0] >= 0, 1.0, -1.0)  # a corner of the box, walked to the opposite one
     walk = corner * torch.linspace(1, -1, 40, device=z.device)[:, None]
     rows = [generator(walk)] + ([] if morpher is None else [generator(morpher(walk))])
@@ -521,8 +568,8 @@ def write_mnist_images(run_dir, it, generator, morpher, z):
     for i in range(len(walk)):
         tile = make_grid(torch.stack([r[i] for r in rows]), nrow=len(rows), padding=1)
         frames.append(Image.fromarray(to_uint8(tile)[0].numpy()).resize((tile.shape[2] * 4, tile.shape[1] * 4)))
-    frames[0].save(os.path.join(run_dir, "latent_walk.gif"), save_all=True, append_images=frames[1:],
-                   duration=80, loop=0)
+    with replacing(os.path.join(run_dir, "latent_walk.gif")) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
 
 
 def load_inception(args, device):
@@ -558,50 +605,82 @@ def compute_fid(inception, generator, test_images, args, device, out_dir):
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     n = args.fid_samples
-    z = sample_z(n, args.latent_dim, "cpu", torch.Generator().manual_seed(args.seed + 2)).to(device)
+    z = sample_z(n, args.latent_dim, "cpu", torch.Generator().manual_seed(args.seed + 2))
+    z = z.to(next(generator.parameters()).device)
     fake = inception_features(inception, torch.cat([generator(chunk) for chunk in z.split(500)]), device)
     data_key = zlib.crc32(os.path.abspath(args.data).encode())  # another root, another cache entry
-    cache = os.path.join(out_dir, ".fid_cache", f"mnist-test-n{n}-seed0-{data_key}.pt")
-    if os.path.isfile(cache):
+    # another device, another entry: Inception's convolutions run in TF32 on CUDA
+    cache = os.path.join(out_dir, ".fid_cache", f"mnist-test-n{n}-seed0-{data_key}-{device.type}.pt")
+    try:
         real = torch.load(cache)
-    else:
+        if real.shape != (n, fake.shape[1]):
+            raise ValueError(cache)
+    except Exception:  # missing, or truncated by a kill: computed again
         pick = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(0))[:n]
         real = inception_features(inception, test_images[pick], device)
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        torch.save(real, cache)
+        with replacing(cache) as tmp:
+            torch.save(real, tmp)
     fid = fid_statistics_to_metric(fid_features_to_statistics(fake), fid_features_to_statistics(real), False)
     kid = kid_features_to_metric(fake, real, kid_subset_size=min(1000, n), verbose=False)
     return {"fid": fid["frechet_inception_distance"], "kid": kid["kernel_inception_distance_mean"], "fid_n": n}
 
 
 # -------------------------------------------------------------------------- run folder and checkpoint
-def rng_state():
+@contextmanager
+def replacing(path):
+    """A temporary file beside `path` that replaces it only when written in full; removed if writing fails, so a
+    kill or a full disk leaves the old file (or none), never a partial one."""
+    tmp = path + ".tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def rng_state(device):
+    """The RNGs; of CUDA's, the device in use only (a resume may see fewer or more GPUs)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # older checkpoints: one state per visible GPU; the run used the current one
+        index = device.index if device.index is not None else 0
+        cuda = cuda[index] if device.type == "cuda" and index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def settings(args):
     return {k: v for k, v in vars(args).items() if k != "resume"}
 
 
-def save_checkpoint(path, nets, done, history, args):
+def save_checkpoint(path, nets, done, history, args, run):
     """Models and optimizers, the step, the logged history, the RNG and the settings, written to a temporary
-    file that replaces `path` only when complete."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save({"models": [(m.state_dict(), o.state_dict()) for m, o in zip(nets.modules, nets.opts)],
-                    "iter": done, "history": history, "rng": rng_state(), "args": settings(args)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    file that replaces `path` only when complete. A full disk ends the run (exit 1), the last good one kept."""
+    try:
+        with replacing(path) as tmp, open(tmp, "wb") as f:
+            torch.save({"models": [(m.state_dict(), o.state_dict()) for m, o in zip(nets.modules, nets.opts)],
+                        "iter": done, "history": history, "rng": rng_state(nets.device), "args": settings(args)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch's writer says ENOSPC as "file write failed"
+        if not (getattr(e, "errno", None) == errno.ENOSPC or "file write failed" in str(e)
+                or "inline_container" in str(e)):
+            raise
+        run.close()  # the bar ends its line first
+        fail(f"no space left on the device writing {path} at iteration {done}; {kept(path)}", code=1)
+
+
+def kept(ckpt_path):
+    return f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
 
 
 def checkpoint_file(resume):
@@ -621,46 +700,65 @@ def load_checkpoint(path):
 
 
 def restore(ckpt, nets, args):
-    """Models, optimizers and RNG; an explicit --lr on resume is put in force."""
+    """Models, optimizers and RNG; an explicit --lr on resume is put in force, and the optimizers keep the
+    kernels (fused, foreach) built for this device, not those of the device that wrote the checkpoint."""
     for module, opt, (m_state, o_state) in zip(nets.modules, nets.opts, ckpt["models"]):
         module.load_state_dict(m_state)
-        opt.load_state_dict(o_state)
-        for group in opt.param_groups:
-            group["lr"] = args.lr
-    set_rng_state(ckpt["rng"])
+        groups = [{**saved, "lr": args.lr, "fused": built["fused"], "foreach": built["foreach"]}
+                  for saved, built in zip(o_state["param_groups"], opt.param_groups)]
+        opt.load_state_dict({**o_state, "param_groups": groups})  # before loading: it places "step" by them
+    set_rng_state(ckpt["rng"], nets.device)
     return ckpt["iter"], ckpt["history"]
 
 
-def open_run_folder(args):
-    """The run folder: the checkpoint's when resuming, else a new one that must not hold a run already."""
+def open_run_folder(args, stack):
+    """The run folder, locked for this process's life (until `stack` closes): the checkpoint's when resuming,
+    which must lie in <run>/ckpt/, else a new one that must not hold a run already."""
     if args.resume:
-        return os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
-    run_dir = os.path.join(args.out, args.run_name or f"noise_morph__{args.dataset}__{args.seed}__{int(time.time())}")
-    if os.path.exists(os.path.join(run_dir, "args.json")):
-        fail(f"--run-name: {run_dir} already holds a run; pass --resume {run_dir} to continue it, or another "
-             "--run-name")
-    try:
-        os.makedirs(os.path.join(run_dir, "ckpt"), exist_ok=True)
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        ckpt_dir = os.path.dirname(os.path.abspath(args.resume))
+        run_dir = os.path.dirname(ckpt_dir)
+        if os.path.basename(ckpt_dir) != "ckpt" or not os.path.isfile(os.path.join(run_dir, "args.json")):
+            fail(f"--resume {args.resume}: not a run folder's checkpoint (<run>/ckpt/*.pt); copy it to "
+                 "<run>/ckpt/last.pt")
+    else:
+        run_dir = os.path.join(args.out, args.run_name or f"noise_morph__{args.dataset}__{args.seed}__{int(time.time())}")
+        if os.path.exists(os.path.join(run_dir, "args.json")):
+            fail(f"--run-name: {run_dir} already holds a run; pass --resume {run_dir} to continue it, or another "
+                 "--run-name")
+        try:
+            os.makedirs(os.path.join(run_dir, "ckpt"), exist_ok=True)
+            os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        except OSError as e:
+            fail(f"--out: cannot create the run folder {run_dir} ({e.strerror or type(e).__name__})")
+    try:  # the first write: a read-only folder is refused here, before training
+        lock = stack.enter_context(open(os.path.join(run_dir, ".lock"), "a"))
     except OSError as e:
-        fail(f"--out: cannot create the run folder {run_dir} ({e.strerror or type(e).__name__})")
+        fail(f"cannot write to the run folder {run_dir} ({e.strerror or type(e).__name__})")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"{run_dir} is in use by another process")
     return run_dir
 
 
 class RunLog:
-    """One record, three places: metrics.jsonl (rewritten from the checkpoint's history on resume), TensorBoard
-    and the progress bar."""
+    """One record, three places: metrics.jsonl (rewritten from the checkpoint's history on resume, so cut back to
+    its step), TensorBoard and the progress bar (seconds of the budget under --max-time, else steps)."""
 
-    def __init__(self, run_dir, history, total):
-        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "w")
-        self.file.writelines(json.dumps(record) + "\n" for record in history)
+    def __init__(self, run_dir, history, total, budget=None):
+        path = os.path.join(run_dir, "metrics.jsonl")
+        with replacing(path) as tmp, open(tmp, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in history)
+        self.file = open(path, "a")
         self.writer = self.bar = None
+        self.budget = budget
         with suppress(ImportError):  # TensorBoard and the bar are optional
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(run_dir, purge_step=history[-1]["iter"] + 1 if history else None)
         with suppress(ImportError):
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=history[-1]["iter"] if history else 0, dynamic_ncols=True)
+            initial = 0 if budget else history[-1]["iter"] if history else 0
+            self.bar = tqdm(total=budget or total, initial=initial, unit="s" if budget else "it", dynamic_ncols=True)
 
     def log(self, record):
         self.file.write(json.dumps(record) + "\n")
@@ -669,11 +767,10 @@ class RunLog:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "iter":
                     self.writer.add_scalar(k, v, record["iter"])
-        if self.bar:
-            self.bar.update(record["iter"] - self.bar.n)
-            if "loss_critic" in record:
-                self.bar.set_postfix(critic=f"{record['loss_critic']:.3f}", W=f"{record['wasserstein']:.3f}",
-                                     img_s=f"{record['images_per_s']:.0f}")
+        if self.bar and "loss_critic" in record:
+            self.bar.update((min(record["seconds"], self.budget) if self.budget else record["iter"]) - self.bar.n)
+            self.bar.set_postfix(critic=f"{record['loss_critic']:.3f}", W=f"{record['wasserstein']:.3f}",
+                                 img_s=f"{record['images_per_s']:.0f}")
 
     def close(self):
         self.file.close()
@@ -683,22 +780,24 @@ class RunLog:
 
 
 class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (what torchrun and schedulers send) ask training to stop after the current
-    step; a second one stops at once. Installed only where Python allows handlers (the main thread)."""
+    """SIGINT (Ctrl-C), SIGTERM (what torchrun and schedulers send) and SIGHUP (a closed terminal, as SIGTERM).
+    At start-up (`defer` false) a signal interrupts at once; in training the first asks to stop after the current
+    step and a second stops at once. The first decides the exit code. Installed only where Python allows handlers
+    (the main thread)."""
 
     def __init__(self):
-        self.received, self.saved = None, {}
+        self.received, self.defer, self.saved = None, False, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in SIGNALS:
                 self.saved[sig] = signal.signal(sig, self.handle)
         return self
 
     def handle(self, signum, frame):
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
+        first, self.received = self.received is None, self.received or signum
+        if not (first and self.defer):
+            raise KeyboardInterrupt(self.received)
 
     def __exit__(self, *exc):
         for sig, handler in self.saved.items():
@@ -723,6 +822,19 @@ def setup(args):
 
 
 def main(argv=None):
+    """The whole run inside the signal handling, start-up included: every signal ends in one line."""
+    with StopSignals() as signals, ExitStack() as stack:
+        try:
+            return train(argv, signals, stack)
+        except KeyboardInterrupt as e:  # at start-up, or a second signal: out at once, mid-step
+            signum = signals.received or (e.args[0] if e.args else signal.SIGINT)
+            stack.close()  # the bar ends its line first
+            interrupted(signum, f"and stopped at once by a second signal; {kept(signals.ckpt_path)}"
+                        if signals.defer else "during start-up; nothing saved")
+
+
+def train(argv, signals, stack):
+    """Setup, one loop (train a step, check, log, sample, checkpoint, evaluate) and finish."""
     args = parse_args(argv)
     device = setup(args)
     inception = load_inception(args, device) if args.fid_every else None
@@ -732,73 +844,73 @@ def main(argv=None):
     else:
         real_ref, images = None, load_mnist(args).to(device)
         test_images = load_mnist(args, train=False) if args.fid_every else None
+        if args.fid_every and args.fid_samples > len(test_images):
+            fail(f"--fid-samples {args.fid_samples} is more than the {len(test_images)} images of the MNIST test "
+                 "split")
         next_real = lambda: images[torch.randint(len(images), (args.batch_size,), device=device)]  # noqa: E731
     nets = build_nets(args, device)
     generator, critic = nets.generator, nets.critic
     fixed_gen = torch.Generator().manual_seed(args.seed + 1)  # metrics on a fixed z, off the training RNG
     fixed_z = sample_z(args.eval_samples, args.latent_dim, "cpu", fixed_gen).to(device)
+    run_dir = open_run_folder(args, stack)
     start, history = restore(load_checkpoint(args.resume), nets, args) if args.resume else (0, [])
-    run_dir = open_run_folder(args)
     ckpt_path = os.path.join(run_dir, "ckpt", "last.pt")
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
+    with replacing(os.path.join(run_dir, "args.json")) as tmp, open(tmp, "w") as f:
         json.dump(settings(args), f, indent=1)
-    run = RunLog(run_dir, history, args.iters)
+    run = stack.enter_context(closing(RunLog(run_dir, history, args.iters, args.max_time)))
     bad = torch.full((), -1, dtype=torch.long, device=device)  # first iteration with a non-finite loss
     t_start = t_last = time.time()
     deadline = t_start + args.max_time if args.max_time else None
     it_last, done, stop = start, start, None
-    try:
-        with StopSignals() as signals:
-            for it in range(start + 1, args.iters + 1):
-                losses = train_step(nets, next_real, it, args)
-                bad = torch.where((bad < 0) & ~torch.isfinite(losses).all(), it, bad)
-                now, done = time.time(), it
-                stop = "time" if deadline and now >= deadline else ("signal" if signals.received else None)
-                last = it == args.iters or stop is not None
-                fid = args.fid_every and (it % args.fid_every == 0 or last) and stop != "signal"
-                log = fid or last or it % args.log_every == 0
-                sample = last or (args.sample_every and it % args.sample_every == 0)
-                save = last or fid or (args.ckpt_every and it % args.ckpt_every == 0)
-                if not (log or sample or save):
-                    continue
-                if int(bad) >= 0:
-                    run.close()
-                    kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else \
-                        "no checkpoint was written"
-                    fail(f"non-finite loss at iteration {int(bad)}; training stopped, {kept}", code=1)
-                with eval_mode(generator):
-                    if log:
-                        scores = evaluate(generator, critic, nets.use_morph, fixed_z, args)
-                        rate = (it - it_last) * args.batch_size * args.critic_its / max(now - t_last, 1e-9)
-                        record = {"iter": it, **{k: v.item() for k, v in nets.stats.items()}, "lr": args.lr,
-                                  "images_per_s": rate, "seconds": now - t_start, **scores}
-                        t_last, it_last = now, it
-                        history.append(record)
-                        run.log(record)
-                    if sample:
-                        write_plots(run_dir, it, history, generator, critic, nets.use_morph, fixed_z, real_ref)
-                    if save:
-                        save_checkpoint(ckpt_path, nets, it, history, args)  # before the FID: it may fail
-                    if fid:
-                        history[-1].update(compute_fid(inception, generator, test_images, args, device, args.out))
-                        run.log({"iter": it, **{k: history[-1][k] for k in ("fid", "kid", "fid_n")}})
-                        save_checkpoint(ckpt_path, nets, it, history, args)
-                if stop:
-                    break
-    except KeyboardInterrupt:  # a second signal: out at once, mid-step, so no checkpoint of this state
-        run.close()
-        print(f"\n{SCRIPT}: stopped at once by a second signal; the last checkpoint is {ckpt_path}", file=sys.stderr)
-        raise SystemExit(130)
+    signals.defer, signals.ckpt_path = True, ckpt_path  # from here a first signal stops after the step
+    for it in range(start + 1, args.iters + 1):
+        losses = train_step(nets, next_real, it, args)
+        bad = torch.where((bad < 0) & ~torch.isfinite(losses).all(), it, bad)
+        now, done = time.time(), it
+        stop = "time" if deadline and now >= deadline else ("signal" if signals.received else None)
+        last = it == args.iters or stop is not None
+        fid = args.fid_every and (it % args.fid_every == 0 or last) and stop != "signal"
+        log = fid or last or it % args.log_every == 0
+        sample = last or (args.sample_every and it % args.sample_every == 0)
+        save = last or fid or (args.ckpt_every and it % args.ckpt_every == 0)
+        if not (log or sample or save):
+            continue
+        if int(bad) >= 0:
+            run.close()
+            fail(f"non-finite loss at iteration {int(bad)}; training stopped, {kept(ckpt_path)}", code=1)
+        with eval_mode(generator):
+            if log:
+                scores = evaluate(generator, critic, nets.use_morph, fixed_z, args)
+                rate = (it - it_last) * args.batch_size * args.critic_its / max(now - t_last, 1e-9)
+                record = {"iter": it, **{k: v.item() for k, v in nets.stats.items()}, "lr": args.lr,
+                          "images_per_s": rate, "seconds": now - t_start, **scores}
+                t_last, it_last = now, it
+                history.append(record)
+                run.log(record)
+            if sample:
+                write_plots(run_dir, it, history, generator, critic, nets.use_morph, fixed_z, real_ref)
+            if save:
+                save_checkpoint(ckpt_path, nets, it, history, args, run)  # before the FID: it may fail
+            if fid:
+                history[-1].update(compute_fid(inception, generator, test_images, args, device, args.out))
+                run.log({"iter": it, **{k: history[-1][k] for k in ("fid", "kid", "fid_n")}})
+                save_checkpoint(ckpt_path, nets, it, history, args, run)
+        if stop:
+            break
     run.close()
-    if stop == "signal":
+    if signals.received:  # also one that came during the last step's figures, checkpoint or FID
         print(f"{SCRIPT}: {signal.Signals(signals.received).name} after iteration {done}: checkpoint written to "
               f"{ckpt_path}; continue with --resume {run_dir}", file=sys.stderr)
-        raise SystemExit(128 + signals.received)  # 130 for Ctrl-C: a `train && next` chain stops here
+        raise SystemExit(exit_code(signals.received))  # 130 for Ctrl-C: a `train && next` chain stops here
     last = history[-1] if history else {}
     keys = ("wasserstein", "modes_covered", "hq_share", "manifold_dist", "morph_gap", "fid")
     extras = "".join(f", {k} {last[k]:.4g}" for k in keys if last.get(k) is not None)
     why = f"stopped on time (--max-time {args.max_time:g} s)" if stop == "time" else "done"
-    print(f"{SCRIPT}: {why}: {done} generator steps in {time.time() - t_start:.0f}s{extras}; run folder {run_dir}")
+    try:
+        print(f"{SCRIPT}: {why}: {done} generator steps in {time.time() - t_start:.0f}s{extras}; run folder {run_dir}",
+              flush=True)
+    except BrokenPipeError:  # stdout piped to a `head` that has exited: the run is complete, finish quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return run_dir
 
 
