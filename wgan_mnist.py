@@ -49,6 +49,8 @@ measurements behind them are in bench/RESULTS.md and README.md:
 import argparse
 import contextlib
 import copy
+import errno
+import fcntl
 import json
 import os
 import random
@@ -61,16 +63,35 @@ import types
 import zlib
 from pathlib import Path
 
+SCRIPT = "wgan_mnist.py"
+NOT_FROM_FILES = ("config", "resume", "run_name")  # said on the command line only
+NET_FLAGS = ("arch", "g_width", "d_width", "upsample", "latent_dim", "critic_norm", "optimizer")  # fixed by a run
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: a closed terminal, taken as SIGTERM
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal acted on at once; args[0] is its number."""
+
+
+def interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+def exit_code(signum):
+    return 130 if signum == signal.SIGINT else 143
+
+
+if __name__ == "__main__":  # until main's StopSignals: a signal while torch loads stops at once, in one line
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, interrupt)
 try:
     import numpy as np
     import torch
     import torch.nn as nn
-except KeyboardInterrupt:  # Ctrl-C while torch loads: no traceback
-    print("wgan_mnist.py: interrupted while starting", file=sys.stderr)
-    raise SystemExit(130)
-
-SCRIPT = "wgan_mnist.py"
-NOT_FROM_FILES = ("config", "resume", "run_name")  # said on the command line only
+except KeyboardInterrupt as e:
+    sig = e.args[0] if e.args else signal.SIGINT
+    print(f"{SCRIPT}: interrupted by {signal.Signals(sig).name} while starting; nothing saved", file=sys.stderr)
+    raise SystemExit(exit_code(sig))
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -153,16 +174,25 @@ def parse_args(argv=None):
     every type, choice and check applies to each. With --resume, args.resume is the checkpoint file."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, tokens = parser.parse_args(argv), []
+    args, tokens, saved = parser.parse_args(argv), [], {}
     if args.resume:
         args.resume = str(checkpoint_file(args.resume))
-        tokens += as_flags(load_checkpoint(args.resume)["args"], f"--resume {args.resume}", parser)
+        saved = load_checkpoint(args.resume)["args"]
+        tokens += as_flags(saved, f"--resume {args.resume}", parser)
+        run_dir = Path(args.resume).parent
+        if run_dir.name != "ckpt" or not (run_dir.parent / "args.json").is_file():  # it would write beside it
+            fail(f"--resume {args.resume}: not a run folder's checkpoint (<run>/ckpt/*.pt); copy it to "
+                 "<run>/ckpt/last.pt")
     if args.config:
         tokens += as_flags(read_config(args.config), f"--config {args.config}", parser)
     if tokens:
         resume = args.resume
         args = parser.parse_args(tokens + argv)
         args.resume = resume
+    for key in NET_FLAGS:  # the checkpoint's weights and optimizer state fit its own values only
+        if key in saved and saved[key] != getattr(args, key):
+            fail(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the checkpoint's {saved[key]} "
+                 f"({args.resume}): it changes the networks or the optimizer; resume without it or start a new run")
     check_args(args)
     gp = args.penalty == "gp"  # the defaults that follow --penalty
     args.optimizer = args.optimizer or ("adam" if gp else "rmsprop")
@@ -200,7 +230,7 @@ def as_flags(values, source, parser):
 def read_config(path):
     try:
         text = Path(path).read_text()
-        if Path(path).suffix in (".yaml", ".yml"):
+        if Path(path).suffix.lower() in (".yaml", ".yml"):
             import yaml
             values = yaml.safe_load(text)
         else:
@@ -209,6 +239,9 @@ def read_config(path):
         fail(f"--config: cannot read {path} ({type(e).__name__}); give a JSON or YAML file of flag values")
     if not isinstance(values, dict):
         fail(f"--config: {path} must hold a mapping of flag names to values")
+    for key in values:
+        if not isinstance(key, str):
+            fail(f"--config: {path}: key {key!r} is not a flag name; keys are the script's flags (see --help)")
     return values
 
 
@@ -217,6 +250,9 @@ def check_args(args):
               (args.critic_its < 1, f"--critic-its must be at least 1 critic step, got {args.critic_its}"),
               (args.clip_value <= 0, f"--clip-value must be positive (clipping to [-c, c]), got {args.clip_value}"),
               (args.lr is not None and args.lr <= 0, f"--lr must be positive, got {args.lr}"),
+              (not 0 <= args.seed < 2 ** 32, f"--seed must be in [0, 2**32) (NumPy's range), got {args.seed}"),
+              (any(len(os.fsencode(part)) > 255 for part in Path(args.run_name or "").parts),
+               "--run-name is longer than the 255 bytes a folder name may have"),
               (args.iters < 0, f"--iters must be 0 or more, got {args.iters}"),
               (args.gp_lambda < 0, f"--gp-lambda must be 0 or more, got {args.gp_lambda}"),
               (args.latent_dim < 1, f"--latent-dim must be at least 1, got {args.latent_dim}"),
@@ -250,13 +286,17 @@ def load_split(args, train):
         fail(f"--data: no {args.dataset} files in {folder}; pass --download to fetch them there "
              "or point --data at the torchvision root that holds them")
     try:
-        return cls(args.data, train=train, download=args.download and not present).data
+        images = cls(args.data, train=train, download=args.download and not present).data
     except Exception as e:
         if present:
             fail(f"--data: cannot read the {args.dataset} files in {folder} ({type(e).__name__}); they may be "
                  "truncated: delete them and fetch them again with --download")
         fail(f"--download: could not fetch {args.dataset} into {folder} ({type(e).__name__}); check the network "
              "or copy the idx files there by hand")
+    if tuple(images.shape[1:]) != (28, 28):  # the idx header says the size: the nets are for 28x28 only
+        fail(f"--data: {files[0]} holds {'x'.join(map(str, images.shape[1:]))} images, not 28x28; give the "
+             f"{args.dataset} files")
+    return images
 
 
 class Batches:
@@ -347,8 +387,8 @@ def gradient_penalty(critic, real, fake):
     alpha = torch.rand(real.shape[0], *[1] * (real.dim() - 1), device=real.device, dtype=real.dtype)
     x_hat = (real + alpha * (fake.detach() - real)).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
-    # bf16 autocast gives a bf16 gradient: no GradScaler is used, so no unscaling; the norm in real's dtype
-    return (grad.flatten(1).to(real.dtype).norm(dim=1) - 1).pow(2).mean()
+    # the gradient has x_hat's dtype (float32) under bf16 autocast too, and no GradScaler is used: nothing to unscale
+    return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
 
 
 # --------------------------------------------------------------------------------- one-step functions
@@ -530,13 +570,17 @@ def fid_vs_test(inception, images, test_images, args, device):
     from torch_fidelity.metric_kid import kid_features_to_metric
     n = len(images)
     data_key = zlib.crc32(str(Path(args.data).resolve()).encode())  # another root, another cache entry
-    cache = Path(args.out) / ".fid_cache" / f"{args.dataset}-test-n{n}-seed0-{data_key}.pt"
-    if cache.is_file():
-        real = torch.load(cache)
-    else:
+    # another device, another entry: Inception's convs run in TF32 on CUDA
+    cache = Path(args.out) / ".fid_cache" / f"{args.dataset}-test-n{n}-seed0-{data_key}-{device.type}.pt"
+    try:
+        real = torch.load(cache, weights_only=True)
+        if not (isinstance(real, torch.Tensor) and real.shape == (n, 2048)):
+            raise ValueError(f"{cache} holds no [{n}, 2048] features")
+    except Exception:  # missing, or cut short by a kill, or not features: computed (again)
         real = inception_features(inception, subset(test_images, n, 0), device)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(real, cache)
+        with atomic(cache) as tmp:
+            torch.save(real, tmp)
     fake = inception_features(inception, images, device)
     fid = fid_statistics_to_metric(fid_features_to_statistics(fake), fid_features_to_statistics(real), False)
     kid = kid_features_to_metric(fake, real, kid_subset_size=min(1000, n), verbose=False)
@@ -553,28 +597,55 @@ def compute_fid(inception, generator, test_images, args, device):
 
 def save_grid(generator, z, path):
     from torchvision.utils import save_image
-    save_image(generate(generator, z) * 0.5 + 0.5, path, nrow=8)
+    with atomic(path) as tmp:
+        save_image(generate(generator, z) * 0.5 + 0.5, tmp, nrow=8, format="PNG")
 
 
 def write_gif(sample_dir, path):
+    """The grids in order; one that does not load (a kill cut it short) is left out."""
     from PIL import Image
-    frames = [Image.open(f) for f in sorted(Path(sample_dir).glob("iter_*.png"))]
+    frames = []
+    for f in sorted(Path(sample_dir).glob("iter_*.png")):
+        try:
+            frame = Image.open(f)
+            frame.load()
+        except (OSError, SyntaxError, ValueError):  # what PIL raises for a broken PNG
+            continue
+        frames.append(frame)
     if frames:
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=300, loop=0)
+        with atomic(path) as tmp:
+            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=300, loop=0)
 
 
 # -------------------------------------------------------------------------- run folder and checkpoint
-def rng_state():
+@contextlib.contextmanager
+def atomic(path):
+    """A temporary file beside `path` that replaces it only when written whole; removed on any failure, so a kill
+    or a full disk leaves the previous file (or none), never a partial one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def rng_state(device):
+    """Python's, NumPy's, the CPU's and, on CUDA, the generator of the device in use only: a resume may see
+    another number of GPUs."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per visible GPU, the run on the first
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def settings(args):
@@ -582,18 +653,23 @@ def settings(args):
 
 
 def save_checkpoint(path, nets, batches, count, args):
-    """Nets, optimizers, the batch stream's position, the step counts, the RNG and the settings, written to a
-    temporary file that replaces `path` only when complete."""
+    """Nets, optimizers, the batch stream's position, the step counts, the RNG and the settings, written through
+    atomic(). A full disk is OSError ENOSPC (torch's writer says it in a RuntimeError), the partial file removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"generator": nets.generator.state_dict(), "critic": nets.critic.state_dict(),
-                    "ema": nets.ema.state_dict() if nets.ema is not None else None,
-                    "opt_generator": nets.opt_g.state_dict(), "opt_critic": nets.opt_c.state_dict(),
-                    "batches": batches.state_dict(), "rng": rng_state(), **count, "args": settings(args)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    device = next(nets.generator.parameters()).device
+    try:
+        with atomic(path) as tmp, open(tmp, "wb") as f:
+            torch.save({"generator": nets.generator.state_dict(), "critic": nets.critic.state_dict(),
+                        "ema": nets.ema.state_dict() if nets.ema is not None else None,
+                        "opt_generator": nets.opt_g.state_dict(), "opt_critic": nets.opt_c.state_dict(),
+                        "batches": batches.state_dict(), "rng": rng_state(device), **count,
+                        "args": settings(args)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except RuntimeError as e:
+        if "inline_container" in str(e) or "file write failed" in str(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from e
+        raise
 
 
 def checkpoint_file(path):
@@ -614,7 +690,8 @@ def load_checkpoint(path):
 
 
 def restore(ckpt, nets, batches, count, args):
-    """Everything a checkpoint holds, and the command line's --lr in force (an explicit --lr on resume wins)."""
+    """Everything a checkpoint holds, with the command line's --lr (an explicit --lr on resume wins) and this
+    device's kernels (fused Adam on CUDA) in force: a checkpoint's optimizer groups carry the saving device's."""
     try:
         nets.generator.load_state_dict(ckpt["generator"])
         nets.critic.load_state_dict(ckpt["critic"])
@@ -624,40 +701,70 @@ def restore(ckpt, nets, batches, count, args):
     if nets.ema is not None:  # a run without an average starts one from its generator
         nets.ema.load_state_dict(ckpt.get("ema") or ckpt["generator"])
     for opt, key in ((nets.opt_g, "opt_generator"), (nets.opt_c, "opt_critic")):
-        opt.load_state_dict(ckpt[key])
-        for group in opt.param_groups:
-            group["lr"] = args.lr
+        here = {k: opt.param_groups[0][k] for k in ("fused", "foreach") if k in opt.param_groups[0]}
+        groups = [{**group, **here, "lr": args.lr} for group in ckpt[key]["param_groups"]]
+        opt.load_state_dict({**ckpt[key], "param_groups": groups})  # before loading: it places the state by them
     batches.load_state_dict(ckpt["batches"])
-    set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"], next(nets.generator.parameters()).device)
     count.update(step=ckpt["step"], critic_steps=ckpt.get("critic_steps", 0))
 
 
-def open_run_folder(args):
-    """The run folder: the checkpoint's when resuming, else a new one that must not hold a run already."""
-    if args.resume:
-        return Path(args.resume).parent.parent
-    run_dir = Path(args.out) / (args.run_name or f"wgan_mnist__{args.dataset}__{args.seed}__{int(time.time())}")
-    if (run_dir / "args.json").exists():
-        fail(f"--run-name: {run_dir} already holds a run; pass --resume {run_dir} to continue it, or another "
-             "--run-name")
+def logged_by(line, step):
+    """Whether a metrics.jsonl line is a whole row of an iteration up to `step`."""
+    try:
+        return json.loads(line)["iter"] <= step
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def open_run_folder(args, step, held):
+    """The run folder (the checkpoint's when resuming, else a new one that must not hold a run already), locked
+    for this process's life (`held` closes the lock), with args.json written and, on a resume, metrics.jsonl cut
+    back to the checkpoint's step: rows logged after it by a killed run would repeat."""
+    run_dir = (Path(args.resume).parent.parent if args.resume else
+               Path(args.out) / (args.run_name or f"wgan_mnist__{args.dataset}__{args.seed}__{int(time.time())}"))
     try:
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        lock = held.enter_context(open(run_dir / ".lock", "a"))
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fail(f"{run_dir} is in use by another process")
+        if not args.resume and (run_dir / "args.json").exists():
+            fail(f"--run-name: {run_dir} already holds a run; pass --resume {run_dir} to continue it, or another "
+                 "--run-name")
+        with atomic(run_dir / "args.json") as tmp:
+            tmp.write_text(json.dumps(settings(args), indent=2))
+        metrics = run_dir / "metrics.jsonl"
+        if args.resume and metrics.is_file():
+            rows = [line + "\n" for line in metrics.read_text().splitlines() if logged_by(line, step)]
+            with atomic(metrics) as tmp:
+                tmp.write_text("".join(rows))
     except OSError as e:
-        fail(f"--out: cannot create the run folder {run_dir} ({e.strerror or type(e).__name__})")
+        where = f"--resume: cannot write the run folder {run_dir}" if args.resume else \
+            f"--out: cannot create the run folder {run_dir}"
+        fail(f"{where} ({e.strerror or type(e).__name__})")
     return run_dir
 
 
 class RunLog:
-    """One record, three places: metrics.jsonl, TensorBoard and the progress bar."""
+    """One record, three places: metrics.jsonl, TensorBoard and the progress bar. Under --max-time the bar counts
+    the budget's seconds: --iters may be far from where the run will end."""
 
-    def __init__(self, run_dir, total, initial):
-        self.path, self.writer, self.bar = run_dir / "metrics.jsonl", None, None
+    def __init__(self, run_dir, args, step):
+        self.path, self.writer, self.bar, self.budget = run_dir / "metrics.jsonl", None, None, args.max_time
         with contextlib.suppress(ImportError):  # TensorBoard and the progress bar are optional
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir), purge_step=initial or None)
+            self.writer = SummaryWriter(str(run_dir), purge_step=step or None)
         with contextlib.suppress(ImportError):
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True)
+            self.bar = tqdm(total=self.budget or args.iters, initial=0 if self.budget else step, dynamic_ncols=True,
+                            unit="s" if self.budget else "it", unit_scale=bool(self.budget))
+
+    def advance(self, elapsed):
+        """After each step: one step, or the seconds since the start (up to the budget)."""
+        if self.bar:
+            self.bar.update(min(elapsed, self.budget) - self.bar.n if self.budget else 1)
 
     def log(self, record):
         with open(self.path, "a") as f:
@@ -677,22 +784,30 @@ class RunLog:
 
 
 class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (what torchrun and schedulers send) ask training to stop after the current
-    step; a second one stops at once. Installed only where Python allows handlers (the main thread)."""
+    """SIGINT (Ctrl-C), SIGTERM (what torchrun and schedulers send) and SIGHUP (a closed terminal; as SIGTERM).
+    While `defer` is set (training steps, grids, checkpoints) the first one asks training to stop after the step;
+    at any other moment, or at a second one, Interrupted is raised at once and later ones are ignored. The first
+    decides the exit code; `during` says what was going on. Installed only where Python allows handlers (the main
+    thread)."""
 
     def __init__(self):
-        self.received, self.saved = None, {}
+        self.received, self.defer, self.during, self.saved = None, False, "during start-up; nothing saved", {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 self.saved[sig] = signal.signal(sig, self.handle)
         return self
 
     def handle(self, signum, frame):
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
+        if self.received is None:
+            self.received = signum
+            if self.defer:
+                return
+        elif self.defer is None:  # already stopping
+            return
+        self.defer = None
+        raise Interrupted(self.received)
 
     def __exit__(self, *exc):
         for sig, handler in self.saved.items():
@@ -718,73 +833,106 @@ def setup(args):
 
 
 def main(argv=None):
+    """Stop signals are handled from the first line to the last (StopSignals): each stop is one line on stderr
+    and exit 130 (SIGINT) or 143 (SIGTERM, SIGHUP)."""
+    with StopSignals() as signals:
+        try:
+            with contextlib.ExitStack() as held:  # the run folder's lock and the log, closed on every way out
+                return train(argv, signals, held)
+        except KeyboardInterrupt:
+            sig = signals.received or signal.SIGINT
+            print(f"{SCRIPT}: interrupted by {signal.Signals(sig).name} {signals.during}", file=sys.stderr)
+            raise SystemExit(exit_code(sig))
+
+
+def say(text):
+    """A line on stdout; a closed stdout (piped to `head`) is not an error: the run's files are written."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the flush at exit succeeds
+
+
+def train(argv, signals, held):
     args = parse_args(argv)
     device = setup(args)
-    inception = load_inception(args, device) if args.fid_every or args.fid_floor else None
+    fid = args.fid_every or args.fid_floor
+    inception = load_inception(args, device) if fid else None
+    test_images = load_split(args, train=False) if fid else None
+    if fid and args.fid_samples > len(test_images):  # KID's subsets need n real images
+        fail(f"--fid-samples {args.fid_samples} is more than the {len(test_images)} images of the {args.dataset} "
+             f"test split; give at most {len(test_images)}")
     if args.fid_floor:  # real train vs real test at the same n: the best FID a generator can reach at this n
-        train = subset(load_split(args, train=True), args.fid_samples, 1)
-        floor = fid_vs_test(inception, train, load_split(args, train=False), args, device)
-        print(json.dumps({"fid_floor": floor, "dataset": args.dataset}))
+        real = subset(load_split(args, train=True), args.fid_samples, 1)
+        floor = fid_vs_test(inception, real, test_images, args, device)
+        say(json.dumps({"fid_floor": floor, "dataset": args.dataset}))
         return floor
     batches = Batches(load_split(args, train=True).to(device), args.batch_size, args.seed)
-    test_images = load_split(args, train=False) if args.fid_every else None
     nets = build_nets(args, device)
     fixed_z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
     count = {"step": 0, "critic_steps": 0}
     if args.resume:
         restore(load_checkpoint(args.resume), nets, batches, count, args)
-    run_dir = open_run_folder(args)
+    run_dir = open_run_folder(args, count["step"], held)
     ckpt_path = run_dir / "ckpt" / "last.pt"
-    (run_dir / "args.json").write_text(json.dumps(settings(args), indent=2))
-    run, meter = RunLog(run_dir, args.iters, count["step"]), Meter(device)
+    run, meter = held.enter_context(contextlib.closing(RunLog(run_dir, args, count["step"]))), Meter(device)
     shown = nets.ema if nets.ema is not None else nets.generator  # what grids and FIDs show
     start = time.time()
     deadline, stop, row = start + args.max_time if args.max_time else None, None, {}
-    try:
-        with StopSignals() as signals:
-            while count["step"] < args.iters and stop is None:
-                meter.add(train_step(nets, batches, count, args), count["step"], args.batch_size)  # step: the one done
-                step, now = count["step"], time.time()
-                stop = "time" if deadline and now >= deadline else ("signal" if signals.received else None)
-                last = step == args.iters or stop is not None
-                fid_due = args.fid_every and (step % args.fid_every == 0 or last) and stop != "signal"
-                due = [step % args.log_every == 0 or last, (args.sample_every and step % args.sample_every == 0)
-                       or last, (args.ckpt_every and step % args.ckpt_every == 0) or last or fid_due]
-                if any(due) and meter.bad_step() is not None:
-                    run.close()
-                    kept = (f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists()
-                            else "no checkpoint was written")
-                    fail(f"non-finite loss at iteration {meter.bad_step()}; training stopped, {kept}", code=1)
-                if due[0]:
-                    row = {**meter.record(step, now), "lr": args.lr, "seconds": now - start}
-                    if args.penalty == "clip":
-                        row["clip_fraction"] = clip_fraction(nets.critic, args.clip_value)
-                    run.log(row)
-                if run.bar:
-                    run.bar.update(1)
-                if due[1]:
-                    save_grid(shown, fixed_z, run_dir / "samples" / f"iter_{step:06d}.png")
-                if due[2]:
-                    save_checkpoint(ckpt_path, nets, batches, count, args)  # before the FID: it may fail
-                if fid_due:
-                    fid = {"iter": step, **compute_fid(inception, shown, test_images, args, device)}
-                    run.log(fid)
-                    row.update(fid)
-    except KeyboardInterrupt:  # a second signal: out at once, mid-step, so no checkpoint of this state
+
+    def halt(message):  # a failure mid-run: the bar closed first, so that the line stands alone
         run.close()
-        print(f"\n{SCRIPT}: stopped at once by a second signal; the last checkpoint is {ckpt_path}", file=sys.stderr)
-        raise SystemExit(130)
+        kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
+        fail(f"{message}; training stopped, {kept}", code=1)
+
+    signals.during = f"during training; the last checkpoint is {ckpt_path}" if args.resume else \
+        "during training; nothing saved yet"
+    signals.defer = True
+    while count["step"] < args.iters and stop is None:
+        meter.add(train_step(nets, batches, count, args), count["step"], args.batch_size)  # step: the one done
+        step, now = count["step"], time.time()
+        stop = "time" if deadline and now >= deadline else ("signal" if signals.received else None)
+        last = step == args.iters or stop is not None
+        fid_due = args.fid_every and (step % args.fid_every == 0 or last) and stop != "signal"
+        due = [step % args.log_every == 0 or last, (args.sample_every and step % args.sample_every == 0)
+               or last, (args.ckpt_every and step % args.ckpt_every == 0) or last or fid_due]
+        if any(due) and meter.bad_step() is not None:
+            halt(f"non-finite loss at iteration {meter.bad_step()}")
+        if due[0]:
+            row = {**meter.record(step, now), "lr": args.lr, "seconds": now - start}
+            if args.penalty == "clip":
+                row["clip_fraction"] = clip_fraction(nets.critic, args.clip_value)
+            run.log(row)
+        run.advance(now - start)
+        if due[1]:
+            save_grid(shown, fixed_z, run_dir / "samples" / f"iter_{step:06d}.png")
+        if due[2]:
+            try:
+                save_checkpoint(ckpt_path, nets, batches, count, args)  # before the FID: it may fail
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                halt(f"no space left on the device for {ckpt_path} at iteration {step} (its partial copy removed)")
+            signals.during = f"during training; the last checkpoint is {ckpt_path} (iteration {step})"
+        if fid_due:
+            signals.defer = False  # the checkpoint is written: a signal during a FID (minutes) stops at once
+            fid = {"iter": step, **compute_fid(inception, shown, test_images, args, device)}
+            signals.defer = True
+            run.log(fid)
+            row.update(fid)
+    signals.defer = False
     run.close()
-    if stop == "signal":
+    if signals.received:  # also one that came during the last step's checkpoint
         name = signal.Signals(signals.received).name
         print(f"{SCRIPT}: {name} after iteration {count['step']}: checkpoint {ckpt_path}; "
               f"continue with --resume {run_dir}", file=sys.stderr)
-        raise SystemExit(128 + signals.received)  # 130 for Ctrl-C: a `train && next` chain stops here
+        raise SystemExit(exit_code(signals.received))  # 130 for Ctrl-C: a `train && next` chain stops here
+    signals.during = f"while writing progress.gif; the checkpoint {ckpt_path} is complete"
     write_gif(run_dir / "samples", run_dir / "progress.gif")
     summary = ", ".join(f"{k} {row[k]:.4g}" for k in ("wasserstein", "loss_critic", "fid") if k in row)
     why = f"stopped on time (--max-time {args.max_time:g} s)" if stop == "time" else "done"
-    print(f"{SCRIPT}: {why}: {count['step']} generator steps in {time.time() - start:.0f} s; {summary}; "
-          f"run folder {run_dir}")
+    say(f"{SCRIPT}: {why}: {count['step']} generator steps in {time.time() - start:.0f} s; {summary}; "
+        f"run folder {run_dir}")
     return row
 
 
