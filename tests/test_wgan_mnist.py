@@ -523,7 +523,9 @@ def test_channels_last_and_fused_adam_give_the_same_step():
         wm.critic_step(gen, critic, opt_c, real, args)
         wm.generator_step(gen, critic, opt_g, args)
         results.append([p.detach().clone() for p in [*gen.parameters(), *critic.parameters()]])
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*results))
+    # channels_last convs sum in another order: weights differ by ~1.5e-5 after a step of lr 8e-4 (rounding);
+    # a step missed, doubled or of the wrong sign moves them by ~lr
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*results))
 
 
 def test_amp_trains_on_a_cpu(tiny_root, tmp_path):
