@@ -41,10 +41,10 @@ held in memory and batches are drawn with the torch RNG (no DataLoader, so no --
 No --amp, --image-size, --channels (nothing here uses them). The seed's "smooth noise" idea (clipping) is
 replaced by the wall-distance-scaled softsign step, which never needs clipping. On MNIST the nets and settings
 are wgan_mnist.py's time-to-quality winners (README.md): metrics, plots and FID use the generator in eval mode
-(BatchNorm running statistics), as wgan_mnist.py samples. SIGINT/SIGTERM stop after the current step with a
-checkpoint (exit 130/143); --max-time ends training as --iters does. The file is longer than SPEC's 300-700
-lines: those reliability features, config files through argparse, exact resume, MNIST with FID and the plots
-each take their lines once.
+(BatchNorm running statistics), as wgan_mnist.py samples. SIGINT, SIGTERM and SIGHUP stop after the current step
+with a checkpoint (exit 130, 143, 143; at start-up at once, in one line); --max-time ends training as --iters does.
+The file is longer than SPEC's 300-700 lines: those reliability features, config files through argparse, exact
+resume, MNIST with FID and the plots each take their lines once.
 """
 import argparse
 import errno
@@ -310,7 +310,8 @@ def load_mnist(args, train=True):
              "the idx files there")
     if tuple(images.shape[1:]) != (28, 28) or len(images) != len(ds.targets):
         fail(f"--data: the MNIST {split} files in {folder} hold {len(images)} images of "
-             f"{'x'.join(map(str, images.shape[1:]))} and {len(ds.targets)} labels, not MNIST's 28x28 with a label each")
+             f"{'x'.join(map(str, images.shape[1:]))} and {len(ds.targets)} labels, not MNIST's 28x28 with a label "
+             "each")
     return images.unsqueeze(1).float() / 127.5 - 1
 
 
@@ -456,9 +457,7 @@ def generator_step(generator, critic, opt_generator, args, morpher=None):
 def build_nets(args, device):
     """Generator, critic, noise morpher and their Adams; `use_morph` is the morpher, or None with --no-morph."""
     generator, critic, morpher = Generator(args).to(device), Critic(args).to(device), NoiseMorpher(args).to(device)
-    fused = torch.device(device).type == "cuda" or None  # one kernel per step on CUDA; the default elsewhere
-    opts = [torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
-            for m in (generator, critic, morpher)]
+    opts = [torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.9)) for m in (generator, critic, morpher)]
     return argparse.Namespace(generator=generator, critic=critic, morpher=morpher, modules=(generator, critic, morpher),
                               device=torch.device(device),
                               opts=opts, opt_generator=opts[0], opt_critic=opts[1], opt_morph=opts[2], stats={},
@@ -712,8 +711,8 @@ def restore(ckpt, nets, args):
 
 
 def open_run_folder(args, stack):
-    """The run folder, locked for this process's life (until `stack` closes): the checkpoint's when resuming,
-    which must lie in <run>/ckpt/, else a new one that must not hold a run already."""
+    """The run folder, locked for this process's life (until `stack` closes), with args.json written: the
+    checkpoint's when resuming, which must lie in <run>/ckpt/, else a new one that must not hold a run already."""
     if args.resume:
         ckpt_dir = os.path.dirname(os.path.abspath(args.resume))
         run_dir = os.path.dirname(ckpt_dir)
@@ -721,7 +720,8 @@ def open_run_folder(args, stack):
             fail(f"--resume {args.resume}: not a run folder's checkpoint (<run>/ckpt/*.pt); copy it to "
                  "<run>/ckpt/last.pt")
     else:
-        run_dir = os.path.join(args.out, args.run_name or f"noise_morph__{args.dataset}__{args.seed}__{int(time.time())}")
+        name = args.run_name or f"noise_morph__{args.dataset}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join(args.out, name)
         if os.path.exists(os.path.join(run_dir, "args.json")):
             fail(f"--run-name: {run_dir} already holds a run; pass --resume {run_dir} to continue it, or another "
                  "--run-name")
@@ -730,14 +730,15 @@ def open_run_folder(args, stack):
             os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
         except OSError as e:
             fail(f"--out: cannot create the run folder {run_dir} ({e.strerror or type(e).__name__})")
-    try:  # the first write: a read-only folder is refused here, before training
+    try:  # the first writes: a busy or read-only folder is refused here, before training
         lock = stack.enter_context(open(os.path.join(run_dir, ".lock"), "a"))
-    except OSError as e:
-        fail(f"cannot write to the run folder {run_dir} ({e.strerror or type(e).__name__})")
-    try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with replacing(os.path.join(run_dir, "args.json")) as tmp, open(tmp, "w") as f:
+            json.dump(settings(args), f, indent=1)
     except BlockingIOError:
         fail(f"{run_dir} is in use by another process")
+    except OSError as e:
+        fail(f"cannot write to the run folder {run_dir} ({e.strerror or type(e).__name__})")
     return run_dir
 
 
@@ -855,8 +856,6 @@ def train(argv, signals, stack):
     run_dir = open_run_folder(args, stack)
     start, history = restore(load_checkpoint(args.resume), nets, args) if args.resume else (0, [])
     ckpt_path = os.path.join(run_dir, "ckpt", "last.pt")
-    with replacing(os.path.join(run_dir, "args.json")) as tmp, open(tmp, "w") as f:
-        json.dump(settings(args), f, indent=1)
     run = stack.enter_context(closing(RunLog(run_dir, history, args.iters, args.max_time)))
     bad = torch.full((), -1, dtype=torch.long, device=device)  # first iteration with a non-finite loss
     t_start = t_last = time.time()

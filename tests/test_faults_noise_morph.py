@@ -142,8 +142,10 @@ def test_fid_cache_is_keyed_by_device_and_a_bad_cache_is_recomputed(tmp_path, mo
         calls.append((len(images), device.type))
         return torch.from_numpy(np.random.RandomState(len(calls)).randn(len(images), 6)).float()
 
+    def fid(device):
+        return nm.compute_fid(None, generator, test_images, args, torch.device(device), str(tmp_path))
+
     monkeypatch.setattr(nm, "inception_features", features)
-    fid = lambda device: nm.compute_fid(None, generator, test_images, args, torch.device(device), str(tmp_path))  # noqa: E731
     fid("cpu")
     fid("cpu")
     assert len(calls) == 3  # the second reused the real features
@@ -284,7 +286,8 @@ def test_every_file_a_run_writes_goes_through_a_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda src, dst: renamed.add(os.path.abspath(dst)) or real(src, dst))
     idx_files(tmp_path / "data")
     for argv in (["--run-name", "toy", "--iters", "2", "--sample-every", "1"],
-                 [*MNIST, "--data", str(tmp_path / "data"), "--run-name", "mnist", "--iters", "2", "--sample-every", "1"]):
+                 [*MNIST, "--data", str(tmp_path / "data"), "--run-name", "mnist", "--iters", "2",
+                  "--sample-every", "1"]):
         run_dir = nm.main(TINY + ["--out", str(tmp_path)] + argv)
         nm.main(["--resume", run_dir, "--iters", "3"])
         written = {str(p) for p in Path(run_dir).rglob("*") if p.is_file() and p.name != ".lock"
