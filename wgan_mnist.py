@@ -100,6 +100,14 @@ def fail(message, code=2):
     raise SystemExit(code)
 
 
+def say(text):
+    """A line on stdout; a closed stdout (piped to `head`) is not an error: the run's files are written."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the flush at exit succeeds
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block
         fail(message)
@@ -843,14 +851,6 @@ def main(argv=None):
             sig = signals.received or signal.SIGINT
             print(f"{SCRIPT}: interrupted by {signal.Signals(sig).name} {signals.during}", file=sys.stderr)
             raise SystemExit(exit_code(sig))
-
-
-def say(text):
-    """A line on stdout; a closed stdout (piped to `head`) is not an error: the run's files are written."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the flush at exit succeeds
 
 
 def train(argv, signals, held):
