@@ -783,11 +783,11 @@ class RunLog:
 class StopSignals:
     """SIGINT (Ctrl-C), SIGTERM (what torchrun and schedulers send) and SIGHUP (a closed terminal, as SIGTERM).
     At start-up (`defer` false) a signal interrupts at once; in training the first asks to stop after the current
-    step and a second stops at once. The first decides the exit code. Installed only where Python allows handlers
-    (the main thread)."""
+    step and a second stops at once (later ones are not raised again, so the way out stays one line). The first
+    decides the exit code. Installed only where Python allows handlers (the main thread)."""
 
     def __init__(self):
-        self.received, self.defer, self.saved = None, False, {}
+        self.received, self.defer, self.leaving, self.saved = None, False, False, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -797,7 +797,8 @@ class StopSignals:
 
     def handle(self, signum, frame):
         first, self.received = self.received is None, self.received or signum
-        if not (first and self.defer):
+        if not (first and self.defer) and not self.leaving:
+            self.leaving = True
             raise KeyboardInterrupt(self.received)
 
     def __exit__(self, *exc):
