@@ -37,7 +37,10 @@ Where this departs from the paper or the seed notebook:
   take their lines once.
 """
 import argparse
+import contextlib
 import copy
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -73,11 +76,33 @@ CPU_RECIPE = ("--image-size 32 --g-channels 32 --d-channels 32 --batch-size 16 -
 CACHE_BYTES = 2 * 2 ** 30  # --cache-images holds at most this much uint8 image data per process
 AGREE_EVERY = 10  # under torchrun the ranks compare stop requests every this many steps: each compare waits for the GPU
 NOT_FROM_FILES = {"config", "resume", "run_name", "sample", "sample_out"}  # said on the command line only
+NETWORK = ("image_size", "channels", "latent_dim", "g_channels", "d_channels", "equalized_lr")  # fixed by a checkpoint
 
 # ---------------------------------------------------------------------------------------------- flags
 def fail(message, code=2):
     print(f"{SCRIPT}: error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def say(text):
+    """A line on stdout; once its reader is gone (piped to `head`), stdout goes to /dev/null and the run goes on."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+@contextlib.contextmanager
+def atomic(path):
+    """A temporary file beside `path` that replaces it only when complete: a kill or a signal mid-write leaves
+    the old file (or none), never a partial one."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class Parser(argparse.ArgumentParser):
@@ -161,16 +186,21 @@ def parse_args(argv=None):
     every type, choice and check applies to each. With --resume, args.resume is the checkpoint file."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, tokens = parser.parse_args(argv), []
+    args, tokens, saved = parser.parse_args(argv), [], {}
     if args.resume:
         args.resume = str(checkpoint_file(args.resume))
-        tokens += as_flags(load_checkpoint(args.resume)["args"], f"--resume {args.resume}", parser)
+        saved = load_checkpoint(args.resume)["args"]
+        tokens += as_flags(saved, f"--resume {args.resume}", parser)
     if args.config:
         tokens += as_flags(read_config(args.config), f"--config {args.config}", parser)
     if tokens:
         resume = args.resume
         args = parser.parse_args(tokens + argv)
         args.resume = resume
+    for key in NETWORK:  # the weights would not load, or (--equalized-lr) load rescaled
+        if key in saved and getattr(args, key) != saved[key]:
+            fail(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the checkpoint's {saved[key]}: "
+                 "the networks cannot change on --resume; start a new run for it")
     check_args(args)
     return args
 
@@ -244,6 +274,7 @@ def check_args(args):
         (not 0 <= args.brightness[0] <= args.brightness[1], "--brightness needs 0 <= low <= high"),
         (not 0 <= args.color_gain < 1, "--color-gain must be in [0, 1)"),
         (args.sample < 0, "--sample must be 0 or more"),
+        (not 0 <= args.seed < 2 ** 32, f"--seed must be in [0, 2^32), got {args.seed}"),
     ]
     for is_bad, message in bad:
         if is_bad:
@@ -299,19 +330,24 @@ def scan_folder(root):
         fail(f"--data {root} is a file; give the folder that holds the training images")
     if not Path(root).is_dir():
         fail(f"--data {root}: no such folder")
-    files, bad = [], 0
+    files, bad, big = [], 0, 0
     for path in find_images(root):
         try:
             with Image.open(path) as im:
                 im.verify()
             files.append(path)
+        except Image.DecompressionBombError:
+            big += 1
         except Exception:
             bad += 1
+    if big:
+        say(f"{SCRIPT}: skipped {big} image(s) over twice PIL's limit of {Image.MAX_IMAGE_PIXELS} pixels "
+            "(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); downscale them to use them")
     if not files:
         fail(f"--data {root}: no readable images (jpg, png, bmp, webp) in it or below it"
-             + (f"; {bad} file(s) could not be read" if bad else ""))
+             + (f"; {bad + big} file(s) could not be read" if bad + big else ""))
     if bad:
-        print(f"{SCRIPT}: skipped {bad} unreadable image file(s) of {bad + len(files)} under {root}")
+        say(f"{SCRIPT}: skipped {bad} unreadable image file(s) of {bad + len(files)} under {root}")
     return files
 
 
@@ -378,6 +414,10 @@ def build_augment(args):
     return v2.Compose(steps) if args.augment and steps else None
 
 
+class ImagesGone(RuntimeError):
+    """No file of the folder decodes (at start: truncated files; mid-run without the cache: moved or deleted)."""
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """Images fitted to a square, augmented with a per-sample seed, in [-1, 1].
 
@@ -394,7 +434,7 @@ class ImageFolder(torch.utils.data.Dataset):
         if cache:
             fitted = [(path, x) for path in self.files if (x := self.fit(path)) is not None]
             if fitted and len(fitted) < len(self.files):
-                print(f"{SCRIPT}: skipped {len(self.files) - len(fitted)} image file(s) that do not decode "
+                say(f"{SCRIPT}: skipped {len(self.files) - len(fitted)} image file(s) that do not decode "
                       f"(truncated?) of {len(self.files)}")
             self.files = [path for path, _ in fitted]
             self.images = torch.stack([x for _, x in fitted]) if fitted else None
@@ -418,7 +458,8 @@ class ImageFolder(torch.utils.data.Dataset):
         for step in range(len(self)):  # a file truncated after its header: the next one that decodes
             if (x := self.fit(self.files[(index + step) % len(self)])) is not None:
                 return x
-        raise RuntimeError(f"none of its {len(self)} images decodes")
+        raise ImagesGone(f"--data {self.args.data}: none of its {len(self)} images decodes (gone: moved or deleted "
+                         "during the run?)")
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, 0)
@@ -456,7 +497,7 @@ def load_data(args, world, lead):
     files = scan_folder(args.data)
     cache = args.cache_images and len(files) * args.channels * args.image_size ** 2 <= CACHE_BYTES
     if args.cache_images and not cache and lead:
-        print(f"{SCRIPT}: not caching {len(files)} images of {args.image_size}px in memory (over "
+        say(f"{SCRIPT}: not caching {len(files)} images of {args.image_size}px in memory (over "
               f"{CACHE_BYTES / 2 ** 30:.0f} GiB); they are decoded for every batch")
     data = ImageFolder(files, args, cache=cache)
     if args.batch_size * world > len(data):
@@ -465,12 +506,20 @@ def load_data(args, world, lead):
     return data
 
 
+def leave_signals_to_the_main_process(worker_id):
+    """A terminal (or Slurm) signals the whole process group: a worker that died of it would crash the main
+    process's last step, before its checkpoint."""
+    for sig in StopSignals.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def make_loader(data, args, rank, world, images_seen, device):
     """An endless iterator of real batches that starts where `images_seen` left off; and images per epoch."""
     batches = Batches(data, args.batch_size, args.seed, rank, world, images_seen // (args.batch_size * world))
     workers = args.num_workers if args.num_workers >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=workers,
-                                         pin_memory=device.type == "cuda", generator=torch.Generator())
+                                         pin_memory=device.type == "cuda", generator=torch.Generator(),
+                                         worker_init_fn=leave_signals_to_the_main_process)
     return iter(loader), batches.per_epoch * args.batch_size * world  # own generator: leaves the global RNG alone
 
 
@@ -746,7 +795,8 @@ def to_uint8_rgb(x):
 
 
 def save_grid(images, path, nrow=8):
-    save_image(images, path, nrow=nrow, normalize=True, value_range=(-1, 1))
+    with atomic(path) as tmp:
+        save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1), format="png")
 
 
 def slerp(a, b, t):
@@ -792,14 +842,23 @@ def write_nearest_neighbours(generator, data, args, path, device, count=256):
            title=f"nearest neighbours, {count} real and {count} generated")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
 def write_gif(sample_dir, path):
-    frames = [Image.open(p) for p in sorted(Path(sample_dir).glob("iter_*.png"))]
+    """The grids in order; one that does not load (cut by a kill mid-write) is left out."""
+    frames = []
+    for p in sorted(Path(sample_dir).glob("iter_*.png")):
+        try:
+            with Image.open(p) as im:
+                frames.append(im.convert("RGB"))
+        except OSError:
+            pass
     if frames:
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=200, loop=0)
+        with atomic(path) as tmp:
+            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=200, loop=0)
 
 
 def load_inception(args, device):
@@ -842,13 +901,16 @@ def compute_fid(inception, generator, data, args, device):
     from torch_fidelity.metric_kid import kid_features_to_metric
     n = min(args.fid_samples, len(data))
     cache = fid_cache(args, n, device)
-    if cache.is_file():
-        real = torch.load(cache)
-    else:
+    try:
+        real = torch.load(cache, weights_only=True) if cache.is_file() else None
+    except Exception:  # cut by a kill, or not a cache: computed again and rewritten
+        real = None
+    if not (isinstance(real, torch.Tensor) and real.shape[0] == n):
         picks = np.linspace(0, len(data) - 1, n).astype(int)
         real = inception_features(inception, torch.stack([data.uint8(i) for i in picks]), device)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(real, cache)
+        with atomic(cache) as tmp:
+            torch.save(real, tmp)
     fake = inception_features(inception, to_uint8_rgb(generate(generator, noise(n, args, device, 7))), device)
     fid = fid_statistics_to_metric(fid_features_to_statistics(fake), fid_features_to_statistics(real), False)
     kid = kid_features_to_metric(fake, real, kid_subset_size=min(1000, n), verbose=False)
@@ -862,10 +924,10 @@ def write_figures(generator, data, args, run_dir, device):
     try:
         write_nearest_neighbours(generator, data, args, run_dir / "nearest_neighbours.png", device)
     except ImportError:
-        print(f"{SCRIPT}: matplotlib is not installed; skipped nearest_neighbours.png")
+        say(f"{SCRIPT}: matplotlib is not installed; skipped nearest_neighbours.png")
 
 
-def sample_mode(args, device, ckpt):
+def sample_mode(args, device, ckpt, signals):
     """--sample N: N PNGs from a checkpoint's EMA generator (or its generator), for any FID tool."""
     generator = Generator(args).to(device)
     generator.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["generator"])
@@ -875,12 +937,17 @@ def sample_mode(args, device, ckpt):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"--sample-out: cannot create {out} ({e.strerror or type(e).__name__})")
-    written = 0
-    for part in noise(args.sample, args, "cpu", 0).split(256):  # offset 0: the first 64 are the grids' z
-        for img in generate(generator, part.to(device)):
-            save_image(img, out / f"{written:06d}.png", normalize=True, value_range=(-1, 1))
-            written += 1
-    print(f"wrote {written} images to {out}")
+    signals.doing, signals.saved = "--sample", f"the images written so far are in {out}"
+    stream = torch.Generator().manual_seed(args.seed)  # noise()'s offset 0: the first 64 are the grids' z
+    for written in range(0, args.sample, 256):  # drawn 256 at a time (the same numbers): any N fits in memory
+        part = torch.randn(min(256, args.sample - written), args.latent_dim, generator=stream)
+        for k, img in enumerate(generate(generator, part.to(device))):
+            try:
+                with atomic(out / f"{written + k:06d}.png") as tmp:
+                    save_image(img, tmp, normalize=True, value_range=(-1, 1), format="png")
+            except OSError as e:
+                fail(f"--sample: cannot write to {out} ({e.strerror or e}); {written + k} images were written", 1)
+    say(f"wrote {args.sample} images to {out}")
 
 
 # -------------------------------------------------------------------------- run folder and checkpoint
@@ -920,20 +987,33 @@ def save_checkpoint(path, nets, args, iteration, images_seen, world):
         if dist.get_rank() != 0:
             return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"generator": nets.generator.state_dict(), "critic": nets.critic.state_dict(),
-                    "ema": nets.ema.state_dict() if nets.ema is not None else None,
-                    "opt_generator": nets.opt_g.state_dict(), "opt_critic": nets.opt_d.state_dict(),
-                    "iteration": iteration, "images_seen": images_seen, "rng": rngs, "args": settings(args)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with atomic(path) as tmp, open(tmp, "wb") as f:
+            torch.save({"generator": nets.generator.state_dict(), "critic": nets.critic.state_dict(),
+                        "ema": nets.ema.state_dict() if nets.ema is not None else None,
+                        "opt_generator": nets.opt_g.state_dict(), "opt_critic": nets.opt_d.state_dict(),
+                        "iteration": iteration, "images_seen": images_seen, "rng": rngs, "args": settings(args)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch's writer says a full disk as "file write failed"
+        if not (getattr(e, "errno", None) == errno.ENOSPC or "file write failed" in str(e)
+                or "inline_container" in str(e)):
+            raise
+        raise NoSpace(f"no space left on the device writing the checkpoint of iteration {iteration}") from None
+
+
+class NoSpace(Exception):
+    """A full disk while writing a checkpoint (the partial file is gone, the last good one kept)."""
 
 
 def checkpoint_file(path):
-    path = Path(path)
-    return path / "ckpt" / "last.pt" if path.is_dir() else path
+    """A run folder's ckpt/last.pt, or a checkpoint inside <run>/ckpt/: a copy elsewhere has no run folder to
+    continue, and the one above it may be another run's."""
+    given, path = path, Path(path)
+    path = path / "ckpt" / "last.pt" if path.is_dir() else path
+    if path.is_file() and not (path.parent.name == "ckpt" and (path.parent.parent / "args.json").is_file()):
+        fail(f"--resume {given}: not a run folder's checkpoint (<run>/ckpt/*.pt); copy it to <run>/ckpt/last.pt")
+    return path
 
 
 def load_checkpoint(path):
@@ -941,12 +1021,13 @@ def load_checkpoint(path):
         fail(f"--resume {path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert {"generator", "args"} <= set(ckpt)
     except Exception as e:
-        fail(f"--resume {path}: not a readable checkpoint of this script ({type(e).__name__}); "
+        fail(f"--resume {path}: not a readable checkpoint ({type(e).__name__}); "
              "it may be truncated: use an earlier copy or start afresh")
-    if "iteration" not in ckpt:
-        fail(f"--resume {path} is not a checkpoint of {SCRIPT} (it is another script's)")
+    keys = set(ckpt) if isinstance(ckpt, dict) else set()
+    other = "noise_morph.py" if "models" in keys else "wgan_mnist.py" if "penalty" in ckpt.get("args", {}) else None
+    if other or not {"generator", "args", "iteration"} <= keys:
+        fail(f"--resume {path} is another script's checkpoint ({other or 'not ' + SCRIPT + chr(39) + 's'})")
     return ckpt
 
 
@@ -969,21 +1050,33 @@ def restore(ckpt, nets, args, rank, world, device):
     return ckpt["iteration"], ckpt["images_seen"]
 
 
-def open_run_folder(args, lead):
-    """The checkpoint's folder when resuming, else a new <out>/<run name> that must not hold a run already."""
+def open_run_folder(args, lead, held):
+    """The checkpoint's folder when resuming, else a new <out>/<run name> that must not hold a run already;
+    the writer (rank 0) locks it for its whole life (`held` lets go), so that two processes never share one."""
     if args.resume:
-        return Path(args.resume).parent.parent
-    args.dataset = args.dataset or Path(args.data).resolve().name
-    name = args.run_name or f"{Path(SCRIPT).stem}__{args.dataset}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.out) / name
-    if lead and (run_dir / "args.json").exists():
-        fail(f"--run-name: {run_dir} already holds a run; pass --resume {run_dir} to continue it, or another "
-             "--run-name")
-    try:
-        if lead:
-            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--out: cannot create the run folder {run_dir} ({e.strerror or type(e).__name__})")
+        run_dir = Path(args.resume).parent.parent
+    else:  # a folder name that is not UTF-8 would be one that TensorBoard cannot write
+        args.dataset = args.dataset or os.fsencode(Path(args.data).resolve().name).decode("utf-8", "replace")
+        name = args.run_name or f"{Path(SCRIPT).stem}__{args.dataset}__{args.seed}__{int(time.time())}"
+        run_dir = Path(args.out) / name
+        if lead and (run_dir / "args.json").exists():
+            fail(f"--run-name: {run_dir} already holds a run; pass --resume {run_dir} to continue it, or another "
+                 "--run-name")
+        try:
+            if lead:
+                (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f"--out: cannot create the run folder {run_dir} ({e.strerror or type(e).__name__})")
+    if lead:
+        try:
+            lock = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            fail(f"{run_dir}: cannot write to the run folder ({e.strerror or type(e).__name__})")
+        held.callback(os.close, lock)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fail(f"{run_dir} is in use by another process")
     return run_dir
 
 
@@ -995,16 +1088,29 @@ class RunLog:
         if not lead:
             self.path = None
             return
+        if start and self.path.exists():  # rows past the checkpoint (a kill before it) are trained again
+            rows = [line for line in self.path.read_text().splitlines() if self.logged_by(line, start)]
+            with atomic(self.path) as tmp:
+                tmp.write_text("".join(row + "\n" for row in rows))
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run_dir), purge_step=start or None)
         except ImportError:
-            print(f"{SCRIPT}: tensorboard is not installed; logging to metrics.jsonl only")
+            say(f"{SCRIPT}: tensorboard is not installed; logging to metrics.jsonl only")
         try:
             from tqdm import tqdm
-            self.bar = tqdm(total=args.iters, initial=start, dynamic_ncols=True, desc=args.run_name[:40])
+            timed = dict(total=args.max_time, unit="s", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s{postfix}")
+            self.bar = tqdm(**(timed if args.max_time else dict(total=args.iters, initial=start)),
+                            dynamic_ncols=True, desc=args.run_name[:40])  # --max-time: the budget's seconds
         except ImportError:
             pass
+
+    @staticmethod
+    def logged_by(line, step):
+        try:
+            return json.loads(line)["iter"] <= step
+        except (ValueError, KeyError, TypeError):  # a line cut by a kill
+            return False
 
     def log(self, record):
         if self.path is None:
@@ -1024,28 +1130,45 @@ class RunLog:
         for part in (self.bar, self.writer):
             if part:
                 part.close()
+        self.bar = self.writer = None
 
 
 class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (what torchrun sends its workers, and schedulers) ask training to stop after
-    the current step; a second one stops at once. Installed only where Python allows handlers (main thread)."""
+    """SIGINT (Ctrl-C), SIGTERM (what torchrun sends its workers, and schedulers) and SIGHUP (a closed terminal,
+    taken as SIGTERM). While training (`deferring`) the first asks to stop after the current step and a second
+    stops at once; at any other moment (start-up, figures, --sample) the first stops at once. The first signal
+    decides the exit code. Installed only where Python allows handlers (main thread)."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    class Stop(BaseException):
+        """Out at once, through every `except Exception`."""
 
     def __init__(self):
-        self.received, self.saved = None, {}
+        self.received, self.handlers, self.deferring = None, {}, False
+        self.doing, self.saved = "start-up", "nothing saved"  # for the one line said when it stops at once
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.saved[sig] = signal.signal(sig, self.handle)
+            for sig in self.SIGNALS:
+                self.handlers[sig] = signal.signal(sig, self.handle)
         return self
 
     def handle(self, signum, frame):
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
+        first = self.received is None
+        self.received = self.received or signum
+        if not (first and self.deferring):
+            raise self.Stop
+
+    @property
+    def name(self):
+        return signal.Signals(self.received).name if self.received else "a signal to another rank"
+
+    @property
+    def code(self):
+        return 130 if self.received == signal.SIGINT else 143  # 130 for Ctrl-C: `train && next` stops
 
     def __exit__(self, *exc):
-        for sig, handler in self.saved.items():
+        for sig, handler in self.handlers.items():
             signal.signal(sig, handler)
 
 
@@ -1081,17 +1204,28 @@ def setup(args):
 
 
 def main(argv=None):
+    """train() with the signals handled at every moment and the run folder's lock let go at the end."""
+    with StopSignals() as signals, contextlib.ExitStack() as held:
+        try:
+            return train(argv, signals, held)
+        except StopSignals.Stop:
+            print(f"{SCRIPT}: stopped at once by {signals.name} during {signals.doing}; {signals.saved}",
+                  file=sys.stderr)
+            raise SystemExit(signals.code) from None
+
+
+def train(argv, signals, held):
     args = parse_args(argv)
     device, rank, world = setup(args)
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if args.sample:
         if ckpt is None:
             fail("--sample needs --resume CHECKPOINT (or run folder) to sample from")
-        return sample_mode(args, device, ckpt)
+        return sample_mode(args, device, ckpt, signals)
     lead, batch = rank == 0, args.batch_size * world  # batch: real images per critic step, all processes
     inception = load_inception(args, device) if args.fid_every and lead else None
     data = load_data(args, world, lead)
-    run_dir = open_run_folder(args, lead)
+    run_dir = open_run_folder(args, lead, held)
     args.run_name, ckpt_path = run_dir.name, run_dir / "ckpt" / "last.pt"
     nets = build_nets(args, device)
     shown = nets.ema if nets.ema is not None else nets.generator  # what grids, figures and FIDs show
@@ -1101,64 +1235,71 @@ def main(argv=None):
     loader, per_epoch = make_loader(data, args, rank, world, images_seen, device)
     fixed_z = noise(64, args, device, 0)
     if lead:
-        (run_dir / "args.json").write_text(json.dumps(settings(args), indent=2))
-        print(f"{SCRIPT}: {len(data)} images, batch {args.batch_size} x {world} process(es) = {batch} per critic "
+        with atomic(run_dir / "args.json") as tmp:
+            tmp.write_text(json.dumps(settings(args), indent=2))
+        say(f"{SCRIPT}: {len(data)} images, batch {args.batch_size} x {world} process(es) = {batch} per critic "
               f"step, {device}, run folder {run_dir}")
         if device.type == "cpu" and args.image_size > 32:
-            print(f"{SCRIPT}: {args.image_size}px on a CPU takes hours per recognisable sample; for a first look "
+            say(f"{SCRIPT}: {args.image_size}px on a CPU takes hours per recognisable sample; for a first look "
                   f"try the README's CPU recipe: {CPU_RECIPE}")
     run, meter = RunLog(run_dir, args, start, lead), Meter(device)
     t_start = time.time()
     deadline, stop, iteration = t_start + args.max_time if args.max_time else None, 0, start
+    signals.deferring, signals.doing = True, "training"
+    signals.saved = f"the last checkpoint is {ckpt_path}" if ckpt else "nothing saved yet"
     try:
-        with StopSignals() as signals:
-            while iteration < args.iters and not stop:
-                iteration += 1
-                lr = lr_at(stages, images_seen // per_epoch) if stages else args.lr
-                meter.add(iteration, train_step(nets, loader, iteration, lr, args, device))
-                images_seen += args.critic_its * batch
-                now = time.time()
-                if world == 1 or iteration % AGREE_EVERY == 0:  # 1: on time, 2: a signal; all ranks stop together
-                    stop = int(agree(2.0 if signals.received else float(bool(deadline and now >= deadline)),
-                                     device, world, dist.ReduceOp.MAX))
-                last = iteration == args.iters or stop
-                fid_due = args.fid_every and (iteration % args.fid_every == 0 or last) and stop != 2
-                ckpt_due = (args.ckpt_every and iteration % args.ckpt_every == 0) or last or fid_due
-                if (iteration % args.log_every == 0 or ckpt_due) and (bad := meter.bad_step(device, world)):
-                    run.close()
-                    kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else \
-                        "no checkpoint was written yet"
-                    fail(f"non-finite loss at iteration {bad}; training stopped, {kept}", code=1)
-                if iteration % args.log_every == 0 or last:
-                    run.log({"iter": iteration, **meter.record(now, args.critic_its * batch), "lr": lr,
-                             "epoch": images_seen / per_epoch, "global_batch": batch, "seconds": now - t_start})
-                if run.bar:
-                    run.bar.update(1)
-                if lead and args.sample_every and (iteration % args.sample_every == 0 or last):
-                    save_grid(generate(shown, fixed_z), run_dir / "samples" / f"iter_{iteration:06d}.png")
-                if ckpt_due:  # before the FID, so that a failing FID loses nothing
-                    save_checkpoint(ckpt_path, nets, args, iteration, images_seen, world)
-                if fid_due and lead:
-                    fid = compute_fid(inception, shown, data, args, device)
-                    run.log({"iter": iteration, **fid})
-                    print(f"iteration {iteration}: FID {fid['fid']:.2f}, KID {fid['kid']:.4f} (n = {fid['fid_n']})")
-    except KeyboardInterrupt:  # a second signal: out at once, mid-step, so no checkpoint of this state
+        while iteration < args.iters and not stop:
+            iteration += 1
+            lr = lr_at(stages, images_seen // per_epoch) if stages else args.lr
+            meter.add(iteration, train_step(nets, loader, iteration, lr, args, device))
+            images_seen += args.critic_its * batch
+            now = time.time()
+            if world == 1 or iteration % AGREE_EVERY == 0:  # 1: on time, 2: a signal; all ranks stop together
+                stop = int(agree(2.0 if signals.received else float(bool(deadline and now >= deadline)),
+                                 device, world, dist.ReduceOp.MAX))
+            last = iteration == args.iters or stop
+            fid_due = args.fid_every and (iteration % args.fid_every == 0 or last) and stop != 2
+            ckpt_due = (args.ckpt_every and iteration % args.ckpt_every == 0) or last or fid_due
+            if (iteration % args.log_every == 0 or ckpt_due) and (bad := meter.bad_step(device, world)):
+                run.close()
+                kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else \
+                    "no checkpoint was written yet"
+                fail(f"non-finite loss at iteration {bad}; training stopped, {kept}", code=1)
+            if iteration % args.log_every == 0 or last:
+                run.log({"iter": iteration, **meter.record(now, args.critic_its * batch), "lr": lr,
+                         "epoch": images_seen / per_epoch, "global_batch": batch, "seconds": now - t_start})
+            if run.bar:
+                run.bar.update(min(now - t_start, args.max_time) - run.bar.n if args.max_time else 1)
+            if lead and args.sample_every and (iteration % args.sample_every == 0 or last):
+                save_grid(generate(shown, fixed_z), run_dir / "samples" / f"iter_{iteration:06d}.png")
+            if ckpt_due:  # before the FID, so that a failing FID loses nothing
+                save_checkpoint(ckpt_path, nets, args, iteration, images_seen, world)
+                signals.saved = f"the last checkpoint is {ckpt_path}"
+            if fid_due and lead:
+                fid = compute_fid(inception, shown, data, args, device)
+                run.log({"iter": iteration, **fid})
+                say(f"iteration {iteration}: FID {fid['fid']:.2f}, KID {fid['kid']:.4f} (n = {fid['fid_n']})")
+    except (ImagesGone, NoSpace) as e:  # the bar ends first, so that the line is one of its own
         run.close()
-        print(f"\n{SCRIPT}: stopped at once by a second signal; the last checkpoint is {run_dir / 'ckpt'}",
-              file=sys.stderr)
-        raise SystemExit(130)
+        fail(f"{e}; {signals.saved}", code=1)
+    except BaseException:  # a stop at once: the bar ends before its line
+        run.close()
+        raise
+    finally:
+        signals.deferring = False
     run.close()
     if stop == 2 and lead:
-        print(f"{SCRIPT}: stopped by a signal after iteration {iteration}: checkpoint written to {ckpt_path}; "
-              f"continue with --resume {run_dir}", file=sys.stderr)
+        print(f"{SCRIPT}: stopped by {signals.name} after iteration {iteration}: checkpoint written to "
+              f"{ckpt_path}; continue with --resume {run_dir}", file=sys.stderr)
     elif lead:
+        signals.doing = "the end-of-run figures"
         write_figures(shown, data, args, run_dir, device)
         why = f"stopped on time (--max-time {args.max_time:g} s)" if stop == 1 else "done"
-        print(f"{why}: {iteration} iterations in {time.time() - t_start:.0f} s; run folder {run_dir}")
+        say(f"{why}: {iteration} iterations in {time.time() - t_start:.0f} s; run folder {run_dir}")
     if world > 1:
         dist.destroy_process_group()
     if stop == 2:
-        raise SystemExit(128 + (signals.received or signal.SIGTERM))  # 130 for Ctrl-C: `train && next` stops
+        raise SystemExit(signals.code)
 
 
 if __name__ == "__main__":

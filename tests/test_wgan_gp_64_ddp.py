@@ -136,7 +136,7 @@ def test_ctrl_c_to_torchrun_stops_every_rank_at_one_step_and_the_checkpoint_resu
     assert time.time() - sent < 25, err[-3000:]  # well before torchrun's 30 s SIGKILL
     # torchrun prints its own traceback for the signal it got; the workers print none and agree on the step
     assert "collective" not in err.lower() and f'{ROOT / "wgan_gp_64.py"}", line' not in err, err[-3000:]
-    assert "stopped by a signal after iteration" in err
+    assert "stopped by SIGINT after iteration" in err or "stopped by SIGTERM after iteration" in err
     ckpt = torch.load(out / "int" / "ckpt" / "last.pt", weights_only=True)
     done = ckpt["iteration"]
     assert done >= 3 and len(ckpt["rng"]) == 2
