@@ -435,7 +435,7 @@ class ImageFolder(torch.utils.data.Dataset):
             fitted = [(path, x) for path in self.files if (x := self.fit(path)) is not None]
             if fitted and len(fitted) < len(self.files):
                 say(f"{SCRIPT}: skipped {len(self.files) - len(fitted)} image file(s) that do not decode "
-                      f"(truncated?) of {len(self.files)}")
+                    f"(truncated?) of {len(self.files)}")
             self.files = [path for path, _ in fitted]
             self.images = torch.stack([x for _, x in fitted]) if fitted else None
         try:
@@ -498,7 +498,7 @@ def load_data(args, world, lead):
     cache = args.cache_images and len(files) * args.channels * args.image_size ** 2 <= CACHE_BYTES
     if args.cache_images and not cache and lead:
         say(f"{SCRIPT}: not caching {len(files)} images of {args.image_size}px in memory (over "
-              f"{CACHE_BYTES / 2 ** 30:.0f} GiB); they are decoded for every batch")
+            f"{CACHE_BYTES / 2 ** 30:.0f} GiB); they are decoded for every batch")
     data = ImageFolder(files, args, cache=cache)
     if args.batch_size * world > len(data):
         fail(f"--batch-size {args.batch_size} x {world} process(es) is more than the {len(data)} images in "
@@ -967,13 +967,16 @@ def set_rng_state(state, device):
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and device.type == "cuda":  # older checkpoints hold one state per visible GPU
-        cuda = state["cuda"]
-        torch.cuda.set_rng_state(cuda[device.index] if len(cuda) > 1 and device.index < len(cuda) else cuda[0],
-                                 device)
+        cuda, index = state["cuda"], device.index or 0
+        torch.cuda.set_rng_state(cuda[index] if len(cuda) > 1 and index < len(cuda) else cuda[0], device)
 
 
 def settings(args):
     return {k: v for k, v in vars(args).items() if k != "resume"}
+
+
+class NoSpace(Exception):
+    """A full disk while writing a checkpoint (the partial file is gone, the last good one kept)."""
 
 
 def save_checkpoint(path, nets, args, iteration, images_seen, world):
@@ -1002,10 +1005,6 @@ def save_checkpoint(path, nets, args, iteration, images_seen, world):
         raise NoSpace(f"no space left on the device writing the checkpoint of iteration {iteration}") from None
 
 
-class NoSpace(Exception):
-    """A full disk while writing a checkpoint (the partial file is gone, the last good one kept)."""
-
-
 def checkpoint_file(path):
     """A run folder's ckpt/last.pt, or a checkpoint inside <run>/ckpt/: a copy elsewhere has no run folder to
     continue, and the one above it may be another run's."""
@@ -1025,9 +1024,10 @@ def load_checkpoint(path):
         fail(f"--resume {path}: not a readable checkpoint ({type(e).__name__}); "
              "it may be truncated: use an earlier copy or start afresh")
     keys = set(ckpt) if isinstance(ckpt, dict) else set()
-    other = "noise_morph.py" if "models" in keys else "wgan_mnist.py" if "penalty" in ckpt.get("args", {}) else None
+    saved = ckpt.get("args") if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) else {}
+    other = "noise_morph.py" if "models" in keys else "wgan_mnist.py" if "penalty" in saved else None
     if other or not {"generator", "args", "iteration"} <= keys:
-        fail(f"--resume {path} is another script's checkpoint ({other or 'not ' + SCRIPT + chr(39) + 's'})")
+        fail(f"--resume {path} is another script's checkpoint{f' ({other})' if other else ''}, not {SCRIPT}'s")
     return ckpt
 
 
@@ -1238,10 +1238,10 @@ def train(argv, signals, held):
         with atomic(run_dir / "args.json") as tmp:
             tmp.write_text(json.dumps(settings(args), indent=2))
         say(f"{SCRIPT}: {len(data)} images, batch {args.batch_size} x {world} process(es) = {batch} per critic "
-              f"step, {device}, run folder {run_dir}")
+            f"step, {device}, run folder {run_dir}")
         if device.type == "cpu" and args.image_size > 32:
             say(f"{SCRIPT}: {args.image_size}px on a CPU takes hours per recognisable sample; for a first look "
-                  f"try the README's CPU recipe: {CPU_RECIPE}")
+                f"try the README's CPU recipe: {CPU_RECIPE}")
     run, meter = RunLog(run_dir, args, start, lead), Meter(device)
     t_start = time.time()
     deadline, stop, iteration = t_start + args.max_time if args.max_time else None, 0, start
