@@ -121,8 +121,9 @@ def gp_ratios(path):
 
 def fid(run, fish, weights, n, agree_n, device, part):
     """part 'cpu': the agreement's FID of agree_n generated vs agree_n real images on the CPU, saved beside the
-    run; part 'device': FID/KID of n generated images against every carried real image on `device`, timed,
-    then the agreement's FID on `device` against the saved CPU one. Prints table rows, tab-separated."""
+    run with the generated images; part 'device': FID/KID of n generated images against every carried real
+    image on `device`, timed (Inception's loading included), then the agreement's FID of the same images on
+    `device` against the saved CPU one. Prints table rows, tab-separated."""
     import torch
     import wgan_gp_64 as w
     sys.path.insert(0, "bench")
@@ -132,11 +133,13 @@ def fid(run, fish, weights, n, agree_n, device, part):
     real_all = w.ImageFolder(files, args, augment=False)
     real = fidtools.Images(len(files), real_all.uint8)
     k = min(agree_n, len(files))
-    saved = Path(run) / "fid_cpu.json"
+    saved, same = Path(run) / "fid_cpu.json", Path(run) / "fid_images.pt"
     if part == "cpu":
-        fake = generate(fidtools, w, generator, args, k, "cpu")
+        images = fidtools.generate_uint8(w, generator, args, k, "cpu")
+        torch.save(images, same)
         start = time.time()
-        value = fidtools.fidelity(fake, fidtools.Images(k, real.__getitem__), None, k, False, weights)[0]
+        value = fidtools.fidelity(fidtools.Images(k, images.__getitem__), fidtools.Images(k, real.__getitem__),
+                                  None, k, False, weights)[0]
         saved.write_text(json.dumps({"fid": value, "n": k, "seconds": time.time() - start}))
         return
     cuda = device == "cuda"
@@ -155,8 +158,9 @@ def fid(run, fish, weights, n, agree_n, device, part):
         print(f"FID of the same images on CUDA and on the CPU\t-\tthe CPU side failed (log)\tFAIL")
         return
     cpu = json.loads(saved.read_text())
-    fake = generate(fidtools, w, generator, args, k, device)
-    here = fidtools.fidelity(fake, fidtools.Images(k, real.__getitem__), None, k, True, weights)[0]
+    images = torch.load(same)
+    here = fidtools.fidelity(fidtools.Images(k, images.__getitem__), fidtools.Images(k, real.__getitem__),
+                             None, k, True, weights)[0]
     diff = abs(here - cpu["fid"]) / abs(cpu["fid"]) * 100
     print(f"FID {k} vs {k}: CUDA {here:.3f} against CPU {cpu['fid']:.3f}\t{diff:.3f}\t% apart, goal < 1 "
           f"(CPU side {cpu['seconds']:.0f} s)\t{'ok' if diff < 1 else 'MISS'}")
@@ -190,7 +194,8 @@ else
   mkdir -p "$MNIST/MNIST/raw"
   for f in .carry/mnist/*.gz; do gunzip -c "$f" >"$MNIST/MNIST/raw/$(basename "$f" .gz)"; done
 fi
-if ENV_LINE=$(H env "$DEV" "${FAKE[@]}" 2>>"$LOG"); then row "environment" "$ENV_LINE" "-" ok; else row "environment" "-" "$DEV" FAIL; fi
+if ENV_LINE=$(H env "$DEV" "${FAKE[@]}" 2>>"$LOG"); then row "environment" "$ENV_LINE" "-" ok
+else row "environment" "-" "$DEV" FAIL; fi
 
 # ------------------------------------------------------------------- the critic step: ratios and same math
 PYTEST_QUICK=(); [ $QUICK = 1 ] && PYTEST_QUICK=(--bench-quick)
