@@ -232,11 +232,11 @@ w.main(sys.argv[1:])
 
 @pytest.mark.parametrize("sig", SIGNALS)
 def test_signal_to_the_process_group_with_workers_saves_a_checkpoint(tmp_path, folder, sig):
-    """As a terminal or a scheduler signals: the whole group, DataLoader workers included. Eight critic steps per
-    generator step need more batches than the workers hold ready, so a worker that died would be needed."""
+    """As a terminal or a scheduler signals: the whole group, DataLoader workers included. Four critic steps per
+    generator step need more batches than the worker holds ready (2), so a worker that died would be needed."""
     out = tmp_path / "runs" / "g"
-    cmd = [sys.executable, "-c", GROUP, *TINY, "--data", str(folder), "--iters", "100000", "--critic-its", "8",
-           "--num-workers", "2", "--no-cache-images", "--log-every", "1", "--sample-every", "0", "--ckpt-every", "0",
+    cmd = [sys.executable, "-c", GROUP, *TINY, "--data", str(folder), "--iters", "100000", "--critic-its", "4",
+           "--num-workers", "1", "--no-cache-images", "--log-every", "1", "--sample-every", "0", "--ckpt-every", "0",
            "--out", str(out.parent), "--run-name", "g"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
