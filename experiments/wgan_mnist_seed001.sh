@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # seed 001 experiments, serial, one process at a time, 1 thread. The clipped runs are made twice: with the
 # default critic (BatchNorm in clip mode) and with --critic-norm none (the critic of the first table).
-# The README's tables came from commit 239a519 (64-wide nets); base, k1 and clip05 pin the paper's lr 5e-5,
+# The tables of docs/wgan_mnist.md came from commit 239a519 (64-wide nets); base, k1 and clip05 pin the paper's lr 5e-5,
 # the clipped default then (now 5e-4).
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1

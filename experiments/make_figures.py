@@ -1,0 +1,131 @@
+"""Every picture under docs/images/, made from the run folders that the docs' commands write.
+
+    .venv/bin/python experiments/make_figures.py \
+        --mnist-ttq .benchmarks/ttq/<time>     # WGAN_TTQ_T=1800 WGAN_TTQ_FLAGS="--penalty gp" (docs/wgan_mnist.md)
+        --fish-ttq .benchmarks/ttq/<time>      # the CPU recipe vs the DCGAN baseline (docs/wgan_gp_64.md)
+        --seed001 runs/docs                    # bash experiments/docs_runs.sh (seed001_* runs)
+        --morph runs/docs/morph_8gaussians     # the same script's noise_morph run
+
+Each option is independent; the ones given overwrite their images. Grids are cropped or upscaled by an integer
+factor (nearest), never resampled, and written as optimised PNG.
+"""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
+SEED001 = {"seed001_k5": "k = 5 (clip 0.01, RMSprop 5e-5)", "seed001_k1": "k = 1", "seed001_clip05": "clip 0.05",
+           "seed001_lr5e-4": "RMSprop lr 5e-4", "seed001_gp": "--penalty gp"}
+
+
+def save_png(image, name, scale=1):
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    image.save(OUT / name, optimize=True)
+    print(f"{OUT / name}: {image.width}x{image.height}, {(OUT / name).stat().st_size // 1024} KB")
+
+
+def save_figure(fig, name):
+    fig.tight_layout()
+    fig.savefig(OUT / name, dpi=80)
+    plt.close(fig)
+    save_png(Image.open(OUT / name).convert("RGB"), name)
+
+
+def rows(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def curve(ttq, name, title):
+    """FID against training seconds for both arms, from the bench's curve.json, floor dashed."""
+    data = json.loads((ttq / "curve.json").read_text())
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for arm in data["arms"]:
+        ax.plot(arm["seconds"], arm["fid"], "o-", label=f"{arm['name']}")
+    ax.axhline(data["floor"], ls="--", c="gray", label=f"floor (real vs real) {data['floor']:.2f}")
+    ax.set(xlabel="training seconds (one CPU thread each, side by side)", ylabel=f"FID, n = {data['n']}",
+           title=title, yscale="log")
+    ax.legend(fontsize=8)
+    save_figure(fig, name)
+
+
+def ttq_images(ttq, prefix, title, scale):
+    curve(ttq, f"{prefix}_curve.png", title)
+    for arm in ("script", "baseline"):
+        save_png(Image.open(ttq / f"{arm}_grid.png").convert("RGB"), f"{prefix}_{arm}_grid.png", scale)
+
+
+def fish_figures(ttq):
+    run = ttq / "script"
+    frames = sorted((run / "samples").glob("iter_*.png"))
+    picked = [frames[round(i * (len(frames) - 1) / 5)] for i in range(6)] if len(frames) >= 6 else frames
+    tiles = []
+    for frame in picked:  # the top-left 4x4 tiles of each grid (torchvision's 2 px padding between tiles)
+        grid = Image.open(frame).convert("RGB")
+        tile = (grid.width - 2) // 8
+        tiles.append(grid.crop((0, 0, 4 * tile + 2, 4 * tile + 2)))
+    strip = Image.new("RGB", (sum(t.width for t in tiles), tiles[0].height), "white")
+    for i, tile in enumerate(tiles):
+        strip.paste(tile, (i * tile.width, 0))
+    save_png(strip, "fish32_progress.png", 2)
+    print("  progress frames:", ", ".join(p.stem for p in picked))
+    save_png(Image.open(run / "interpolation.png").convert("RGB"), "fish32_interpolation.png", 2)
+    save_png(Image.open(run / "nearest_neighbours.png").convert("RGB"), "fish32_nearest_neighbours.png")
+
+
+def seed001(runs):
+    """One line per run; clip 0.01 on the left, the two whose critic scale is larger on the right (the estimate
+    grows with the clip value, so it compares over time within a run, not across panels)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name, label in SEED001.items():
+        r = [x for x in rows(runs / name / "metrics.jsonl") if "wasserstein" in x]
+        ax = axes[1] if name in ("seed001_clip05", "seed001_gp") else axes[0]
+        ax.plot([x["iter"] for x in r], [x["wasserstein"] for x in r], label=label, lw=1)
+    for ax, title in zip(axes, ("clip 0.01", "clip 0.05 and the gradient penalty")):
+        ax.set(xlabel="generator step", ylabel="mean D(real) - mean D(fake)", title=title)
+        ax.legend(fontsize=8)
+    fig.suptitle("seed 001: the critic's Wasserstein estimate over training (MNIST, batch 64)", fontsize=10)
+    save_figure(fig, "seed001_wasserstein.png")
+
+
+def morph(run):
+    r = [x for x in rows(run / "metrics.jsonl") if x.get("d_gnmz") is not None]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([x["iter"] for x in r], [x["d_gz"] for x in r], label="mean D(G(z))")
+    ax.plot([x["iter"] for x in r], [x["d_gnmz"] for x in r], label="mean D(G(NM(z)))")
+    ax.set(xlabel="generator step", ylabel="critic score", title="seed 003's graph: 8 Gaussians, morphing on")
+    ax.legend(fontsize=8)
+    save_figure(fig, "morph_scores.png")
+    for src, name in (("critic_contour.png", "morph_contour.png"), ("latent.png", "morph_latent.png")):
+        shutil.copyfile(run / src, OUT / name)
+        save_png(Image.open(OUT / name).convert("RGB"), name)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mnist-ttq", type=Path)
+    p.add_argument("--fish-ttq", type=Path)
+    p.add_argument("--seed001", type=Path)
+    p.add_argument("--morph", type=Path)
+    args = p.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.mnist_ttq:
+        ttq_images(args.mnist_ttq, "mnist", "MNIST: wgan_mnist.py --penalty gp vs MLP WGAN-GP", 2)
+    if args.fish_ttq:
+        ttq_images(args.fish_ttq, "fish32", "fish 32x32: CPU recipe vs DCGAN WGAN-GP", 2)
+        fish_figures(args.fish_ttq)
+    if args.seed001:
+        seed001(args.seed001)
+    if args.morph:
+        morph(args.morph)
+
+
+if __name__ == "__main__":
+    main()
