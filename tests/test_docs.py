@@ -66,3 +66,10 @@ def test_the_checks_can_fail(tmp_path):
     found = list(links(page))
     assert [t for t, _ in found] == ["there.md#a-code-heading-here", "missing.png", "there.md#nope"]
     assert list(anchors(tmp_path / "there.md")) == ["a-code-heading-here"]
+
+
+def test_gitignore_lets_docs_images_through_and_keeps_run_outputs_out():
+    import subprocess
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "docs/images/x.png", "runs/a/samples/x.png",
+                              "x.png"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert ignored == ["runs/a/samples/x.png", "x.png"]
