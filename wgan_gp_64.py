@@ -651,9 +651,13 @@ def interpolate(real, fake):
 
 
 def gradient_penalty(critic, real, fake):
-    """mean((||dD/dx_hat||_2 - 1)^2), the norm over all non-batch dimensions; keeps the graph for backward."""
+    """mean((||dD/dx_hat||_2 - 1)^2), the norm over all non-batch dimensions; keeps the graph for backward.
+
+    On a CPU this pass stays float32 under --amp: there oneDNN's bf16 double backward of a padded stride-1 conv
+    gives weight gradients unrelated to float32's (cosine about 0; torch 2.14.1, tests/test_wgan_gp_64.py)."""
     x_hat = interpolate(real, fake.detach())
-    (grad,) = torch.autograd.grad(critic(x_hat).float().sum(), x_hat, create_graph=True)
+    with torch.autocast("cpu", enabled=False):
+        (grad,) = torch.autograd.grad(critic(x_hat).float().sum(), x_hat, create_graph=True)
     return (grad.flatten(1).norm(dim=1) - 1).square().mean()
 
 

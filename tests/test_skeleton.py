@@ -19,6 +19,7 @@ SECTIONS = {
                                   "load_checkpoint", "restore", "open_run_folder", "RunLog", "StopSignals"},
     "main": {"setup", "main"},
 }
+START_UP = {"Interrupted", "interrupt", "interrupted", "raise_interrupt", "exit_code"}
 
 
 def sections_of(text):
@@ -35,6 +36,8 @@ def sections_of(text):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_sections_and_names(script):
     found = sections_of((ROOT / script).read_text())
+    early = found.pop("(before the sections)", set())  # the signal handling that must exist before torch loads
+    assert early <= START_UP, f"{script}: {sorted(early - START_UP)} defined before the first section"
     assert list(found) == list(SECTIONS), f"{script}: sections {list(found)}"
     for title, names in SECTIONS.items():
         assert names <= found[title], f"{script}, section {title!r}: missing {sorted(names - found[title])}"
@@ -51,4 +54,5 @@ def test_the_check_can_fail():
     moved = "# ---- flags\ndef fail():\n    pass\n# ---- main\ndef gradient_penalty():\n    pass\n"
     found = sections_of(moved)
     assert found == {"flags": {"fail"}, "main": {"gradient_penalty"}}
+    assert sections_of("def build_parser():\n    pass\n# ---- flags\n") == {"(before the sections)": {"build_parser"}, "flags": set()}
     assert not SECTIONS["losses"] <= found.get("losses", set())
