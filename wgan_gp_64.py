@@ -668,7 +668,7 @@ def autocast(device, enabled):
 
 def sync_gradients(module):
     """Average gradients over processes (torchrun); a no-op in a single process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()):
         return
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     flat = torch.cat([g.flatten() for g in grads])
@@ -1047,6 +1047,9 @@ def restore(ckpt, nets, args, rank, world, device):
         groups = [{**g, "lr": args.lr, "fused": device.type == "cuda", "foreach": None}
                   for g in ckpt[key]["param_groups"]]  # set before loading: fused Adam keeps its steps on the GPU
         opt.load_state_dict({**ckpt[key], "param_groups": groups})
+        for param, state in opt.state.items():  # a CPU checkpoint's moments are contiguous; on CUDA the weights are
+            for name in ("exp_avg", "exp_avg_sq"):  # channels_last, and fused Adam needs both in one layout
+                state[name] = torch.empty_like(param).copy_(state[name])
     states = ckpt["rng"]
     set_rng_state(states[rank] if len(states) == world else states[0], device)
     if len(states) != world:  # resumed under another process count: fresh, distinct noise per rank
@@ -1178,7 +1181,7 @@ class StopSignals:
 
 def agree(value, device, world, op):
     """The same number on every rank (torchrun): the largest or smallest of the ranks' values."""
-    if world == 1:
+    if not dist.is_initialized():
         return value
     t = torch.tensor(value, dtype=torch.float64, device=device)
     dist.all_reduce(t, op)
@@ -1197,8 +1200,8 @@ def setup(args):
     device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+    if (world > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not dist.is_initialized():  # torchrun, even with
+        dist.init_process_group("nccl" if cuda else "gloo")  # one process: so that one GPU exercises NCCL
     if args.torch_deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -1300,7 +1303,7 @@ def train(argv, signals, held):
         write_figures(shown, data, args, run_dir, device)
         why = f"stopped on time (--max-time {args.max_time:g} s)" if stop == 1 else "done"
         say(f"{why}: {iteration} iterations in {time.time() - t_start:.0f} s; run folder {run_dir}")
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     if stop == 2:
         raise SystemExit(signals.code)

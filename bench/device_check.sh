@@ -277,7 +277,7 @@ SENT=$(date +%s); wait $PID; RC=$?
 STEP=$(grep -Eo "stopped by [A-Za-z ]+ after iteration [0-9]+" "$LOG" | tail -1 | grep -Eo "[0-9]+$")
 if [ -n "$STEP" ] && [ -f "$RUNS/ddp/ckpt/last.pt" ]; then
   row "torchrun --nproc_per_node 1, SIGTERM" "$STEP" "steps in the checkpoint, torchrun exit $RC, \
-stopped $(($(date +%s) - SENT)) s after the signal (one process: the script starts no process group)" ok
+stopped $(($(date +%s) - SENT)) s after the signal (one process, its own NCCL/gloo group: the hand all-reduce and the stop agreement run)" ok
   run_logged timeout 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 wgan_gp_64.py \
     --resume "$RUNS/ddp" --iters $((STEP + 5))
   resume_row "torchrun --resume for 5 steps" "$RUNS/ddp" "$STEP" 5 $?

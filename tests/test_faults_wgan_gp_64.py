@@ -120,6 +120,26 @@ def test_fused_adam_follows_the_device_in_use_after_loading(tmp_path, folder, sa
     assert {g["foreach"] for o in (nets.opt_g, nets.opt_d) for g in o.param_groups} == {None}
 
 
+def test_adam_moments_of_a_cpu_checkpoint_take_the_layout_of_channels_last_weights(tmp_path, folder):
+    """On CUDA the nets are channels_last and fused Adam needs its moments in the weights' layout; a CPU
+    checkpoint's moments are contiguous (channels_last works on a CPU too, so this is tested here)."""
+    out = run(tmp_path, folder, "--iters", "1", "--sample-every", "0")
+    ckpt = torch.load(out / "ckpt" / "last.pt", weights_only=True)
+    args = w.parse_args(["--resume", str(out)])
+    nets = w.build_nets(args, torch.device("cpu"))
+    nets.generator.to(memory_format=torch.channels_last), nets.critic.to(memory_format=torch.channels_last)
+    w.restore(ckpt, nets, args, 0, 1, torch.device("cpu"))
+    convs = 0
+    for opt in (nets.opt_g, nets.opt_d):
+        for param, state in opt.state.items():
+            assert state["exp_avg"].stride() == param.stride() == state["exp_avg_sq"].stride()
+            convs += param.dim() == 4 and not param.is_contiguous()
+    assert convs  # channels_last conv weights were there to differ
+    saved = ckpt["opt_critic"]["state"]
+    assert any(torch.equal(nets.opt_d.state[p]["exp_avg"], saved[i]["exp_avg"])
+               for i, p in enumerate(nets.critic.parameters()) if p.dim() == 4)  # values kept, layout changed
+
+
 @pytest.mark.parametrize("local_rank, count, index", [("3", 1, 0), ("3", 2, 1), ("1", 4, 1)])
 def test_local_rank_maps_onto_the_visible_gpus(monkeypatch, local_rank, count, index):
     cuda = FakeCuda(monkeypatch, current=0, count=count)
