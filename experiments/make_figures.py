@@ -48,10 +48,10 @@ def curve(ttq, name, title):
     data = json.loads((ttq / "curve.json").read_text())
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for arm in data["arms"]:
-        ax.plot(arm["seconds"], arm["fid"], "o-", label=f"{arm['name']}")
+        ax.plot(arm["seconds"], arm["fid"], "o-", label=arm["label"])
     ax.axhline(data["floor"], ls="--", c="gray", label=f"floor (real vs real) {data['floor']:.2f}")
     ax.set(xlabel="training seconds (one CPU thread each, side by side)", ylabel=f"FID, n = {data['n']}",
-           title=title, yscale="log")
+           title=title, ylim=(0, None))
     ax.legend(fontsize=8)
     save_figure(fig, name)
 
