@@ -20,7 +20,7 @@ Papers: Gulrajani et al. 2017, "Improved Training of Wasserstein GANs", arXiv 17
 sets and their models); the seed's idea (noise morpher = hard-example mining over latents; zero pull;
 bounded uniform noise). Mode metrics follow PacGAN's convention (Lin et al. 2018, arXiv 1712.04086).
 
-Usage (more in README.md):
+Usage (more in docs/noise_morph.md):
     python noise_morph.py --dataset 8gaussians --iters 5000 --seed 1
     python noise_morph.py --dataset 8gaussians --iters 5000 --seed 1 --no-morph        # baseline
     python noise_morph.py --dataset mnist --data ../shared/data --max-time 10m --fid-every 2000 \
@@ -28,7 +28,7 @@ Usage (more in README.md):
     python noise_morph.py --resume runs/<run-name>                  # continue in that folder
     python noise_morph.py --config runs/<run-name>/args.json --seed 2
 
-Metrics (metrics.jsonl, one line per log step, on a fixed z of --eval-samples latents; README.md defines each):
+Metrics (metrics.jsonl, one line per log step, on a fixed z of --eval-samples latents; docs/noise_morph.md defines each):
 d_gz = mean D(G(z)), d_gnmz = mean D(G(NM(z))), morph_gap = d_gz - d_gnmz (positive when the morpher finds
 latents the critic likes less; null with --no-morph, which never touches the morpher); mode coverage and
 high-quality share on the mixtures, distance to the roll on swissroll; on MNIST, FID/KID of G(z) against
@@ -40,7 +40,7 @@ over the bounding box of the current real batch (per feature), the seed's "rando
 held in memory and batches are drawn with the torch RNG (no DataLoader, so no --num-workers; resume is exact).
 No --amp, --image-size, --channels (nothing here uses them). The seed's "smooth noise" idea (clipping) is
 replaced by the wall-distance-scaled softsign step, which never needs clipping. On MNIST the nets and settings
-are wgan_mnist.py's time-to-quality winners (README.md): metrics, plots and FID use the generator in eval mode
+are wgan_mnist.py's time-to-quality winners (docs/wgan_mnist.md): metrics, plots and FID use the generator in eval mode
 (BatchNorm running statistics), as wgan_mnist.py samples. SIGINT, SIGTERM and SIGHUP stop after the current step
 with a checkpoint (exit 130, 143, 143; at start-up at once, in one line); --max-time ends training as --iters does.
 The file is longer than SPEC's 300-700 lines: those reliability features, config files through argparse, exact

@@ -21,7 +21,7 @@ Usage:
     python wgan_mnist.py --resume runs/<run-name>                        # continue a run exactly
 
 Departures from the paper and the seed (PyTorch default initialisation throughout; the paper used N(0, 0.02)); the
-measurements behind them are in bench/RESULTS.md and README.md:
+measurements behind them are in bench/RESULTS.md and docs/wgan_mnist.md:
   1. The dcgan critic has BatchNorm after its 2nd and 3rd conv in clip mode, as the paper's DCGAN critic did (its
      parameters are clipped with the rest), and none in gp mode (`--critic-norm`): without it, in all our runs at
      lr 5e-5 (k = 1 and 5, c = 0.01 and 0.05), the clipped critic's input gradient pointed the same way for every
