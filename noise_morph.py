@@ -74,13 +74,15 @@ def interrupted(signum, when):
     raise SystemExit(exit_code(signum))
 
 
-def raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(signum)
+def quit_while_starting(signum, frame):
+    """Nothing is saved yet, and an exception raised inside torch's imports can come out as another one: exit here."""
+    print(f"{SCRIPT}: interrupted by {signal.Signals(signum).name} during start-up; nothing saved", file=sys.stderr)
+    os._exit(exit_code(signum))
 
 
-if __name__ == "__main__":  # SIGTERM or SIGHUP while torch loads: one line below, not a silent death
-    for sig in SIGNALS[1:]:
-        signal.signal(sig, raise_interrupt)
+if __name__ == "__main__":  # a signal while torch loads: one line, not a traceback or a silent death
+    for sig in SIGNALS:
+        signal.signal(sig, quit_while_starting)
 try:
     import numpy as np
     import torch

@@ -73,8 +73,10 @@ class Interrupted(KeyboardInterrupt):
     """A stop signal acted on at once; args[0] is its number."""
 
 
-def interrupt(signum, frame):
-    raise Interrupted(signum)
+def quit_while_starting(signum, frame):
+    """Nothing is saved yet, and an exception raised inside torch's imports can come out as another one: exit here."""
+    print(f"{SCRIPT}: interrupted by {signal.Signals(signum).name} while starting; nothing saved", file=sys.stderr)
+    os._exit(exit_code(signum))
 
 
 def exit_code(signum):
@@ -83,7 +85,7 @@ def exit_code(signum):
 
 if __name__ == "__main__":  # until main's StopSignals: a signal while torch loads stops at once, in one line
     for sig in STOP_SIGNALS:
-        signal.signal(sig, interrupt)
+        signal.signal(sig, quit_while_starting)
 try:
     import numpy as np
     import torch

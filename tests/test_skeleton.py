@@ -19,7 +19,7 @@ SECTIONS = {
                                   "load_checkpoint", "restore", "open_run_folder", "RunLog", "StopSignals"},
     "main": {"setup", "main"},
 }
-START_UP = {"Interrupted", "interrupt", "interrupted", "raise_interrupt", "exit_code"}
+START_UP = {"Interrupted", "interrupted", "quit_while_starting", "exit_code"}
 
 
 def sections_of(text):
