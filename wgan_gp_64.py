@@ -414,8 +414,9 @@ def build_augment(args):
     return v2.Compose(steps) if args.augment and steps else None
 
 
-class ImagesGone(RuntimeError):
-    """No file of the folder decodes (at start: truncated files; mid-run without the cache: moved or deleted)."""
+class RunFailed(RuntimeError):
+    """Said in one line (exit 1) once the bar has ended: no image decodes (at start: truncated files; mid-run
+    without the cache: moved or deleted), or the disk is full at a checkpoint (the last good one is kept)."""
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -458,7 +459,7 @@ class ImageFolder(torch.utils.data.Dataset):
         for step in range(len(self)):  # a file truncated after its header: the next one that decodes
             if (x := self.fit(self.files[(index + step) % len(self)])) is not None:
                 return x
-        raise ImagesGone(f"--data {self.args.data}: none of its {len(self)} images decodes (gone: moved or deleted "
+        raise RunFailed(f"--data {self.args.data}: none of its {len(self)} images decodes (gone: moved or deleted "
                          "during the run?)")
 
     def __getitem__(self, item):
@@ -651,10 +652,8 @@ def interpolate(real, fake):
 
 
 def gradient_penalty(critic, real, fake):
-    """mean((||dD/dx_hat||_2 - 1)^2), the norm over all non-batch dimensions; keeps the graph for backward.
-
-    On a CPU this pass stays float32 under --amp: there oneDNN's bf16 double backward of a padded stride-1 conv
-    gives weight gradients unrelated to float32's (cosine about 0; torch 2.14.1, tests/test_wgan_gp_64.py)."""
+    """mean((||dD/dx_hat||_2 - 1)^2), the norm over all non-batch dimensions; keeps the graph for backward. Float32
+    on a CPU even under --amp: oneDNN's bf16 double backward of padded stride-1 convs is wrong (torch 2.14)."""
     x_hat = interpolate(real, fake.detach())
     with torch.autocast("cpu", enabled=False):
         (grad,) = torch.autograd.grad(critic(x_hat).float().sum(), x_hat, create_graph=True)
@@ -979,10 +978,6 @@ def settings(args):
     return {k: v for k, v in vars(args).items() if k != "resume"}
 
 
-class NoSpace(Exception):
-    """A full disk while writing a checkpoint (the partial file is gone, the last good one kept)."""
-
-
 def save_checkpoint(path, nets, args, iteration, images_seen, world):
     """Nets, optimizers, progress, every rank's RNG (gathered under torchrun) and the settings; rank 0 writes
     them to a temporary file that replaces `path` only when complete."""
@@ -1006,7 +1001,7 @@ def save_checkpoint(path, nets, args, iteration, images_seen, world):
         if not (getattr(e, "errno", None) == errno.ENOSPC or "file write failed" in str(e)
                 or "inline_container" in str(e)):
             raise
-        raise NoSpace(f"no space left on the device writing the checkpoint of iteration {iteration}") from None
+        raise RunFailed(f"no space left on the device writing the checkpoint of iteration {iteration}") from None
 
 
 def checkpoint_file(path):
@@ -1076,14 +1071,11 @@ def open_run_folder(args, lead, held):
             fail(f"--out: cannot create the run folder {run_dir} ({e.strerror or type(e).__name__})")
     if lead:
         try:
-            lock = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            fail(f"{run_dir}: cannot write to the run folder ({e.strerror or type(e).__name__})")
-        held.callback(os.close, lock)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(held.enter_context(open(run_dir / ".lock", "a")), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fail(f"{run_dir} is in use by another process")
+        except OSError as e:
+            fail(f"{run_dir}: cannot write to the run folder ({e.strerror or type(e).__name__})")
     return run_dir
 
 
@@ -1096,7 +1088,8 @@ class RunLog:
             self.path = None
             return
         if start and self.path.exists():  # rows past the checkpoint (a kill before it) are trained again
-            rows = [line for line in self.path.read_text().splitlines() if self.logged_by(line, start)]
+            rows = [line for line in self.path.read_text().splitlines()  # a line cut by a kill does not end in }
+                    if line.endswith("}") and json.loads(line)["iter"] <= start]
             with atomic(self.path) as tmp:
                 tmp.write_text("".join(row + "\n" for row in rows))
         try:
@@ -1111,13 +1104,6 @@ class RunLog:
                             dynamic_ncols=True, desc=args.run_name[:40])  # --max-time: the budget's seconds
         except ImportError:
             pass
-
-    @staticmethod
-    def logged_by(line, step):
-        try:
-            return json.loads(line)["iter"] <= step
-        except (ValueError, KeyError, TypeError):  # a line cut by a kill
-            return False
 
     def log(self, record):
         if self.path is None:
@@ -1286,7 +1272,7 @@ def train(argv, signals, held):
                 fid = compute_fid(inception, shown, data, args, device)
                 run.log({"iter": iteration, **fid})
                 say(f"iteration {iteration}: FID {fid['fid']:.2f}, KID {fid['kid']:.4f} (n = {fid['fid_n']})")
-    except (ImagesGone, NoSpace) as e:  # the bar ends first, so that the line is one of its own
+    except RunFailed as e:  # the bar ends first, so that the line is one of its own
         run.close()
         fail(f"{e}; {signals.saved}", code=1)
     except BaseException:  # a stop at once: the bar ends before its line
