@@ -83,13 +83,10 @@ def quit_while_starting(signum, frame):
 if __name__ == "__main__":  # a signal while torch loads: one line, not a traceback or a silent death
     for sig in SIGNALS:
         signal.signal(sig, quit_while_starting)
-try:
-    import numpy as np
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-except KeyboardInterrupt as e:
-    interrupted(e.args[0] if e.args else signal.SIGINT, "during start-up; nothing saved")
+import numpy as np  # noqa: E402 (after the handlers)
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 TOY = ("8gaussians", "25gaussians", "swissroll")
 PER_DATASET = ("width", "gp_lambda", "latent_dim", "batch_size", "lr", "gp_every")  # None: DEFAULTS[dataset]

@@ -86,14 +86,9 @@ def exit_code(signum):
 if __name__ == "__main__":  # until main's StopSignals: a signal while torch loads stops at once, in one line
     for sig in STOP_SIGNALS:
         signal.signal(sig, quit_while_starting)
-try:
-    import numpy as np
-    import torch
-    import torch.nn as nn
-except KeyboardInterrupt as e:
-    sig = e.args[0] if e.args else signal.SIGINT
-    print(f"{SCRIPT}: interrupted by {signal.Signals(sig).name} while starting; nothing saved", file=sys.stderr)
-    raise SystemExit(exit_code(sig))
+import numpy as np  # noqa: E402 (after the handlers)
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -719,14 +714,6 @@ def restore(ckpt, nets, batches, count, args):
     count.update(step=ckpt["step"], critic_steps=ckpt.get("critic_steps", 0))
 
 
-def logged_by(line, step):
-    """Whether a metrics.jsonl line is a whole row of an iteration up to `step`."""
-    try:
-        return json.loads(line)["iter"] <= step
-    except (ValueError, KeyError, TypeError):
-        return False
-
-
 def open_run_folder(args, step, held):
     """The run folder (the checkpoint's when resuming, else a new one that must not hold a run already), locked
     for this process's life (`held` closes the lock), with args.json written and, on a resume, metrics.jsonl cut
@@ -747,7 +734,8 @@ def open_run_folder(args, step, held):
             tmp.write_text(json.dumps(settings(args), indent=2))
         metrics = run_dir / "metrics.jsonl"
         if args.resume and metrics.is_file():
-            rows = [line + "\n" for line in metrics.read_text().splitlines() if logged_by(line, step)]
+            rows = [line + "\n" for line in metrics.read_text().splitlines()  # a line cut by a kill: no }
+                    if line.endswith("}") and json.loads(line)["iter"] <= step]
             with atomic(metrics) as tmp:
                 tmp.write_text("".join(rows))
     except OSError as e:
