@@ -1247,7 +1247,7 @@ def train(argv, signals, held):
             meter.add(iteration, train_step(nets, loader, iteration, lr, args, device))
             images_seen += args.critic_its * batch
             now = time.time()
-            if world == 1 or iteration % AGREE_EVERY == 0:  # 1: on time, 2: a signal; all ranks stop together
+            if (world == 1 and not dist.is_initialized()) or iteration % AGREE_EVERY == 0:  # 1: time, 2: a signal
                 stop = int(agree(2.0 if signals.received else float(bool(deadline and now >= deadline)),
                                  device, world, dist.ReduceOp.MAX))
             last = iteration == args.iters or stop
