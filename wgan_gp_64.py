@@ -1,15 +1,17 @@
 """WGAN-GP with ProGAN tricks on any folder of images, 64x64 and up (32 to 256).
 
 Wasserstein GAN with gradient penalty (Gulrajani et al. 2017, arXiv 1704.00028) with the tricks of
-Progressive GAN (Karras et al. 2018, arXiv 1710.10196) but not its progressive growing: pixel norm in the
-generator, minibatch standard deviation in the critic, the drift term, an exponential moving average of the
-generator, optional equalized learning rate; plus dropout in the critic, heavy augmentation and a piecewise
+Progressive GAN (Karras et al. 2018, arXiv 1710.10196): pixel norm in the generator, minibatch standard
+deviation in the critic, the drift term, an exponential moving average of the generator, optional equalized
+learning rate, optional progressive growing (`--grow`); plus dropout in the critic, heavy augmentation and a piecewise
 learning-rate schedule, as in the fish-generating notebook this script reproduces (seed 000).
 
 Usage:
     python wgan_gp_64.py --data fish/ --critic-its 4
     python wgan_gp_64.py --data fish/ --lr-schedule seed --fid-every 5000 --fid-weights inception.pth
     python wgan_gp_64.py --data fish/ --image-size 32 --g-channels 32 --d-channels 32   # CPU-sized
+    python wgan_gp_64.py --data fish/ --grow 16:2000,32:6000,64 --fade 1000     # grown 16 -> 32 -> 64 px
+    python wgan_gp_64.py --resume runs/<32px run> --image-size 64 --grow 32:<its steps>,64   # seed 000's way
     python wgan_gp_64.py --resume runs/<run>                     # continue exactly where it stopped
     python wgan_gp_64.py --resume runs/<run> --sample 10000      # write 10,000 PNGs for any FID tool
     torchrun --nproc_per_node 8 wgan_gp_64.py --data fish/       # data parallel, --batch-size per process
@@ -76,7 +78,7 @@ CPU_RECIPE = ("--image-size 32 --g-channels 32 --d-channels 32 --batch-size 16 -
 CACHE_BYTES = 2 * 2 ** 30  # --cache-images holds at most this much uint8 image data per process
 AGREE_EVERY = 10  # under torchrun the ranks compare stop requests every this many steps: each compare waits for the GPU
 NOT_FROM_FILES = {"config", "resume", "run_name", "sample", "sample_out"}  # said on the command line only
-NETWORK = ("image_size", "channels", "latent_dim", "g_channels", "d_channels", "equalized_lr")  # fixed by a checkpoint
+NETWORK = ("image_size", "channels", "latent_dim", "g_channels", "d_channels", "equalized_lr", "grow")  # fixed by a checkpoint
 
 # ---------------------------------------------------------------------------------------------- flags
 def fail(message, code=2):
@@ -134,6 +136,9 @@ def build_parser():
     a("--mbstd-group", type=int, default=4,
       help="minibatch-stddev group size (min(group, batch) is used; 1 = a constant channel, i.e. off)")
     a("--equalized-lr", action="store_true", help="N(0,1) weights scaled at run time by sqrt(2/fan_in)")
+    a("--grow", help="progressive growing: resolutions, each but the last with its length in generator steps, "
+      "the last = --image-size until the end (e.g. 16:2000,32:6000,64)")
+    a("--fade", type=int, default=1000, help="with --grow: generator steps over which each new resolution fades in")
     a("--iters", type=int, default=100_000, help="generator steps")
     a("--max-time", type=duration, help="wall-clock budget (seconds, or 90s, 30m, 2h): training ends after the "
       "step that crosses it")
@@ -186,10 +191,11 @@ def parse_args(argv=None):
     every type, choice and check applies to each. With --resume, args.resume is the checkpoint file."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, tokens, saved = parser.parse_args(argv), [], {}
+    args, tokens, saved, done = parser.parse_args(argv), [], {}, 0
     if args.resume:
         args.resume = str(checkpoint_file(args.resume))
-        saved = load_checkpoint(args.resume)["args"]
+        ckpt = load_checkpoint(args.resume)
+        saved, done = ckpt["args"], ckpt["iteration"]
         tokens += as_flags(saved, f"--resume {args.resume}", parser)
     if args.config:
         tokens += as_flags(read_config(args.config), f"--config {args.config}", parser)
@@ -197,11 +203,17 @@ def parse_args(argv=None):
         resume = args.resume
         args = parser.parse_args(tokens + argv)
         args.resume = resume
-    for key in NETWORK:  # the weights would not load, or (--equalized-lr) load rescaled
-        if key in saved and getattr(args, key) != saved[key]:
-            fail(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the checkpoint's {saved[key]}: "
-                 "the networks cannot change on --resume; start a new run for it")
     check_args(args)
+    first = parse_grow(args.grow, args.image_size)[0] if args.grow else None
+    bigger = first and saved.get("grow") is None and first[0] == saved.get("image_size")  # a run grown further
+    for key in NETWORK:  # the weights would not load, or (--equalized-lr) load rescaled
+        if key in saved and getattr(args, key) != saved[key] and not (bigger and key in ("image_size", "grow")):
+            fail(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the checkpoint's {saved[key]}: "
+                 "the networks cannot change on --resume (but for growing a run: --image-size with --grow); "
+                 "start a new run for it")
+    if bigger and first[1] < done:
+        fail(f"--grow {args.grow}: its {first[0]} px stage ends at step {first[1]}, before the checkpoint's "
+             f"{done}; write --grow {first[0]}:{done},... to grow the run from where it is")
     return args
 
 
@@ -259,6 +271,7 @@ def check_args(args):
         (args.gp_every < 1,
          f"--gp-every must be at least 1 (1: the penalty at every critic step), got {args.gp_every}"),
         (args.iters < 0, "--iters must be 0 or more"),
+        (args.fade < 0, "--fade must be 0 or more (0: each new resolution at once)"),
         (args.lr <= 0, "--lr must be positive"),
         (not 0 <= args.ema < 1, "--ema must be in [0, 1)"),
         (not 0 <= args.critic_dropout < 1, "--critic-dropout must be in [0, 1)"),
@@ -288,6 +301,14 @@ def check_args(args):
             parse_schedule(args.lr_schedule)
         except ValueError as e:
             fail(f"--lr-schedule: {e}")
+    if args.grow:
+        try:
+            stages = parse_grow(args.grow, args.image_size)
+        except ValueError as e:
+            fail(f"--grow {args.grow}: {e}")
+        for res, steps in stages[1:-1]:
+            if steps < args.fade:
+                fail(f"--grow {args.grow}: the {res} px stage ({steps} steps) is shorter than its --fade {args.fade}")
 
 
 def parse_schedule(text):
@@ -307,6 +328,44 @@ def parse_schedule(text):
             raise ValueError(f"stage {part.strip()!r}: needs at least 1 epoch and 0 < low <= high")
         stages.append((int(m[1]), low, high))
     return stages
+
+
+def parse_grow(text, image_size):
+    """'16:2000,32:6000,64' -> [(16, 2000), (32, 6000), (64, None)]: resolutions, each with its length in generator
+    steps (what --iters, --sample-every and a checkpoint count: a resume lands in the same place of a fade),
+    the last, --image-size, lasting to the end."""
+    parts, stages = text.split(","), []
+    for k, part in enumerate(parts):
+        m = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", part)
+        if not m or (m[2] is None) != (k == len(parts) - 1):
+            raise ValueError(f"cannot read {part.strip()!r}; write each resolution with its steps but the last, "
+                             f"e.g. 16:2000,32:6000,{image_size}")
+        stages.append((int(m[1]), int(m[2]) if m[2] else None))
+    sizes = [res for res, _ in stages]
+    if len(sizes) < 2:
+        raise ValueError("name at least two resolutions (one alone is --image-size without --grow)")
+    if sizes[0] < 8 or sizes[0] & (sizes[0] - 1):
+        raise ValueError(f"starts at {sizes[0]} px; start at a power of two of at least 8")
+    if any(b != 2 * a for a, b in zip(sizes, sizes[1:])):
+        raise ValueError("each resolution must double the one before (e.g. 16,32,64)")
+    if sizes[-1] != image_size:
+        raise ValueError(f"ends at {sizes[-1]} px, {'above' if sizes[-1] > image_size else 'not'} --image-size "
+                         f"{image_size}; the last resolution is the training resolution")
+    if any(steps < 1 for _, steps in stages[:-1]):
+        raise ValueError("each stage but the last needs at least 1 step")
+    return stages
+
+
+def growth(args, done):
+    """(resolution, fade-in weight alpha) of the generator step after `done` steps; (--image-size, 1) without
+    --grow. Alpha goes from 1/fade to 1 over the first --fade steps of each stage after the first."""
+    begin = 0
+    stages = parse_grow(args.grow, args.image_size) if args.grow else [(args.image_size, None)]
+    for k, (res, steps) in enumerate(stages):
+        if steps is None or done < begin + steps:
+            into = done - begin + 1
+            return res, 1.0 if k == 0 or into >= args.fade else into / args.fade
+        begin += steps
 
 
 def lr_at(stages, epoch, rng=random):
@@ -592,44 +651,68 @@ def minibatch_stddev(x, group_size=4, groups=1):
     return torch.cat([x, std.reshape(n, 1, h, w)], dim=1)  # [N, C + 1, H, W]
 
 
+def grow_sizes(args):
+    return [res for res, _ in parse_grow(args.grow, args.image_size)] if args.grow else [args.image_size]
+
+
 class Generator(nn.Module):
-    """z -> 8x8, two convs; per doubling: nearest upsample + 5x5 conv (two at the second-to-last size); to RGB."""
+    """z -> 8x8, two convs; per doubling: nearest upsample + 5x5 conv (two at the second-to-last size); to RGB.
+
+    With --grow, that net is built for the first resolution (so a finished run of that size loads into it) and
+    each later one adds a block (upsample + 5x5 conv) and its own to-RGB. The training loop sets `res` and
+    `alpha`: in a fade the new block's image is blended with the upsampled image of the one before."""
 
     def __init__(self, args):
         super().__init__()
-        c, eq = args.g_channels, args.equalized_lr
-        self.c = c
+        c, eq, sizes = args.g_channels, args.equalized_lr, grow_sizes(args)
+        self.c, self.base, self.res, self.alpha = c, sizes[0], args.image_size, 1.0
         self.fc = Dense(args.latent_dim, c * 8 * 8, equalized=eq)
 
         def after():
             return [PixelNorm(), nn.LeakyReLU(0.2)]
 
+        def to_rgb():
+            return [Conv(c, args.channels, 5, gain=1.0, equalized=eq), nn.Tanh()]
+
         layers = [*after(), *conv_block(c, c, 5, after, equalized=eq), *conv_block(c, c, 4, after, equalized=eq)]
-        doublings = int(math.log2(args.image_size // 8))
+        doublings = int(math.log2(self.base // 8))
         for i in range(doublings):
             layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
             for _ in range(2 if i == doublings - 2 else 1):
                 layers += conv_block(c, c, 5, after, equalized=eq)
-        layers += [Conv(c, args.channels, 5, gain=1.0, equalized=eq), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*layers, *to_rgb())
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                                  *conv_block(c, c, 5, after, equalized=eq)) for _ in sizes[1:])
+        self.to_rgb = nn.ModuleList(nn.Sequential(*to_rgb()) for _ in sizes[1:])
 
     def forward(self, z):  # z: [N, latent]
         x = self.fc(pixel_norm(z)).view(-1, self.c, 8, 8)  # [N, c, 8, 8]
-        return self.net(x)  # [N, channels, S, S] in [-1, 1]
+        if self.res == self.base:
+            return self.net(x)  # [N, channels, S, S] in [-1, 1]
+        x, rgb = self.net[:-2](x), self.net[-2:]
+        for block, next_rgb in zip(self.blocks[:int(math.log2(self.res // self.base))], self.to_rgb):
+            before, x, rgb, old = x, block(x), next_rgb, rgb
+        out = rgb(x)  # [N, channels, res, res]
+        return out if self.alpha == 1 else torch.lerp(F.interpolate(old(before), scale_factor=2), out, self.alpha)
 
 
 class Critic(nn.Module):
-    """5x5 conv; stride-2 4x4 convs down to 4x4 (3x3 convs at 16 and 4); minibatch stddev; linear to 1."""
+    """5x5 conv; stride-2 4x4 convs down to 4x4 (3x3 convs at 16 and 4); minibatch stddev; linear to 1.
+
+    With --grow, built for the first resolution, and each later one adds its from-RGB 5x5 conv and a stride-2
+    block; the input's size picks the path, and in a fade (`alpha` < 1) the new block's output is blended with
+    the old from-RGB of the input downsampled."""
 
     def __init__(self, args):
         super().__init__()
-        c, eq, p = args.d_channels, args.equalized_lr, args.critic_dropout
-        self.group_size = args.mbstd_group
+        c, eq, p, sizes = args.d_channels, args.equalized_lr, args.critic_dropout, grow_sizes(args)
+        self.group_size, self.base, self.alpha = args.mbstd_group, sizes[0], 1.0
 
         def after():
             return [nn.LeakyReLU(0.2)] + ([nn.Dropout(p)] if p else [])
 
-        layers, res, cin = conv_block(args.channels, c, 5, after, equalized=eq), args.image_size, c
+        layers, res, cin = conv_block(args.channels, c, 5, after, equalized=eq), self.base, c
+        self.first = len(layers)  # the from-RGB layers of the first resolution
         while res > 4:
             res, cout = res // 2, (2 * c if res == 8 else c)
             layers += conv_block(cin, cout, 4, after, stride=2, equalized=eq)  # [N, cout, res, res]
@@ -638,9 +721,24 @@ class Critic(nn.Module):
                 layers += conv_block(cin, cin, 3, after, equalized=eq)
         self.features = nn.Sequential(*layers)
         self.head = Dense((cin + 1) * 16, 1, gain=1.0, equalized=eq)
+        self.from_rgb = nn.ModuleList(nn.Sequential(*conv_block(args.channels, c, 5, after, equalized=eq))
+                                      for _ in sizes[1:])
+        self.down = nn.ModuleList(nn.Sequential(*conv_block(c, c, 4, after, stride=2, equalized=eq),
+                                                *(conv_block(c, c, 3, after, equalized=eq) if res == 32 else []))
+                                  for res in sizes[1:])
 
-    def forward(self, x, groups=1):  # x: [N, channels, S, S]
-        x = self.features(x)  # [N, 2c, 4, 4]
+    def forward(self, x, groups=1):  # x: [N, channels, S, S], S one of the grown resolutions
+        k = int(math.log2(x.shape[-1] // self.base))  # blocks above the first resolution
+        if k:
+            h = self.down[k - 1](self.from_rgb[k - 1](x))
+            if self.alpha < 1:
+                old = self.from_rgb[k - 2] if k > 1 else self.features[:self.first]
+                h = torch.lerp(old(F.avg_pool2d(x, 2)), h, self.alpha)
+            for j in reversed(range(k - 1)):
+                h = self.down[j](h)
+            x = self.features[self.first:](h)
+        else:
+            x = self.features(x)  # [N, 2c, 4, 4]
         x = minibatch_stddev(x, self.group_size, groups)  # [N, 2c + 1, 4, 4]
         return self.head(x.flatten(1)).squeeze(1)  # [N]
 
@@ -723,6 +821,21 @@ def update_ema(ema, generator, decay):
     torch._foreach_add_(ema_params, params, alpha=1 - decay)
 
 
+def shrink(images, res):
+    """Images (float, or uint8 rounded back) averaged down to res x res: the real data of a grown stage."""
+    if images.shape[-1] == res:
+        return images
+    small = F.avg_pool2d(images.float(), images.shape[-1] // res)
+    return small.round().to(torch.uint8) if images.dtype == torch.uint8 else small.to(images.dtype)
+
+
+def set_growth(nets, res, alpha):
+    for net in (nets.generator, nets.ema):
+        if net is not None:
+            net.res, net.alpha = res, alpha
+    nets.critic.alpha = alpha
+
+
 def build_nets(args, device):
     """Generator, critic, EMA and their Adams, from the seed (identical initial weights on every rank)."""
     random.seed(args.seed)
@@ -744,7 +857,9 @@ def train_step(nets, loader, iteration, lr, args, device):
     for group in nets.opt_g.param_groups + nets.opt_d.param_groups:
         group["lr"] = lr
     for j in range(args.critic_its):
-        real = next(loader).to(device, non_blocking=True, memory_format=nets.memory)
+        real = shrink(next(loader).to(device, non_blocking=True, memory_format=nets.memory), nets.generator.res)
+        if nets.critic.alpha < 1:  # ProGAN fades the real images in too: the critic sees no sharper reals than fakes
+            real = torch.lerp(F.interpolate(F.avg_pool2d(real, 2), scale_factor=2), real, nets.critic.alpha)
         penalize = ((iteration - 1) * args.critic_its + j) % args.gp_every == 0
         nets.stats.update(critic_step(nets.generator, nets.critic, nets.opt_d, real, args, penalize))
     nets.stats.update(generator_step(nets.generator, nets.critic, nets.opt_g, args))
@@ -824,7 +939,8 @@ def write_nearest_neighbours(generator, data, args, path, device, count=256):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     count = min(count, len(data))
-    real = torch.stack([data.uint8(i) for i in np.linspace(0, len(data) - 1, count).astype(int)])
+    real = shrink(torch.stack([data.uint8(i) for i in np.linspace(0, len(data) - 1, count).astype(int)]),
+                  generator.res)
     real = (real.float() / 127.5 - 1).flatten(1)
     fake = generate(generator, noise(count, args, device, 3)).flatten(1)
     scale = math.sqrt(real.shape[1])
@@ -851,7 +967,8 @@ def write_nearest_neighbours(generator, data, args, path, device, count=256):
 
 
 def write_gif(sample_dir, path):
-    """The grids in order; one that does not load (cut by a kill mid-write) is left out."""
+    """The grids in order, a grown run's smaller ones upsampled to the last's size; one that does not load (cut by
+    a kill mid-write) is left out."""
     frames = []
     for p in sorted(Path(sample_dir).glob("iter_*.png")):
         try:
@@ -860,6 +977,7 @@ def write_gif(sample_dir, path):
         except OSError:
             pass
     if frames:
+        frames = [f.resize(frames[-1].size, Image.NEAREST) for f in frames]
         with atomic(path) as tmp:
             frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=200, loop=0)
 
@@ -890,27 +1008,29 @@ def inception_features(inception, images, device):
     return torch.cat([inception(chunk.to(device))[0].cpu() for chunk in chunks])
 
 
-def fid_cache(args, n, device):
+def fid_cache(args, n, device, res):
     """Where the real images' features are kept. Keyed by the device type too: Inception runs in TF32 on CUDA.
     ("upright": images are read with their EXIF orientation applied; caches made before that are not reused.)"""
-    what = f"{Path(args.data).resolve()}|{args.image_size}|{args.channels}|{args.fit}|{n}|upright|{device.type}"
+    size = args.image_size if res == args.image_size else f"{args.image_size}>{res}"
+    what = f"{Path(args.data).resolve()}|{size}|{args.channels}|{args.fit}|{n}|upright|{device.type}"
     return Path(args.out) / ".fid_cache" / f"real-{hashlib.sha1(what.encode()).hexdigest()[:16]}.pt"
 
 
 def compute_fid(inception, generator, data, args, device):
     """FID and KID (torch-fidelity's metric code) of the generator against up to --fid-samples training images
-    (fitted, not augmented), whose features are cached under --out."""
+    (fitted, not augmented, at the generator's resolution), whose features are cached under --out."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     n = min(args.fid_samples, len(data))
-    cache = fid_cache(args, n, device)
+    cache = fid_cache(args, n, device, generator.res)
     try:
         real = torch.load(cache, weights_only=True) if cache.is_file() else None
     except Exception:  # cut by a kill, or not a cache: computed again and rewritten
         real = None
     if not (isinstance(real, torch.Tensor) and real.shape[0] == n):
         picks = np.linspace(0, len(data) - 1, n).astype(int)
-        real = inception_features(inception, torch.stack([data.uint8(i) for i in picks]), device)
+        real = inception_features(inception, shrink(torch.stack([data.uint8(i) for i in picks]), generator.res),
+                                  device)
         cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic(cache) as tmp:
             torch.save(real, tmp)
@@ -935,6 +1055,7 @@ def sample_mode(args, device, ckpt, signals):
     generator = Generator(args).to(device)
     generator.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["generator"])
     generator.eval()
+    generator.res, generator.alpha = growth(args, max(0, ckpt["iteration"] - 1))
     out = Path(args.sample_out) if args.sample_out else Path(args.resume).parent.parent / "generated"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1033,13 +1154,16 @@ def load_checkpoint(path):
 def restore(ckpt, nets, args, rank, world, device):
     """Nets, optimizers (with the command line's --lr in force, fused Adam on CUDA whatever device wrote them),
     the EMA (started from the generator when the checkpoint has none) and this rank's RNG. Returns (iteration,
-    images seen)."""
-    nets.generator.load_state_dict(ckpt["generator"])
-    nets.critic.load_state_dict(ckpt["critic"])
+    images seen). A run grown further (--grow from its size) keeps its layers and their Adam moments; the new
+    layers, registered after them, start as initialised."""
+    same = ckpt["args"].get("grow") == args.grow
+    nets.generator.load_state_dict(ckpt["generator"], strict=same)
+    nets.critic.load_state_dict(ckpt["critic"], strict=same)
     if nets.ema is not None:
-        nets.ema.load_state_dict(ckpt.get("ema") or ckpt["generator"])
+        nets.ema.load_state_dict(ckpt.get("ema") or ckpt["generator"], strict=same)
     for opt, key in ((nets.opt_g, "opt_generator"), (nets.opt_d, "opt_critic")):
-        groups = [{**g, "lr": args.lr, "fused": device.type == "cuda", "foreach": None}
+        count = len(opt.param_groups[0]["params"])  # one group: a grown run's saved ids are its first params
+        groups = [{**g, "lr": args.lr, "fused": device.type == "cuda", "foreach": None, "params": list(range(count))}
                   for g in ckpt[key]["param_groups"]]  # set before loading: fused Adam keeps its steps on the GPU
         opt.load_state_dict({**ckpt[key], "param_groups": groups})
         for param, state in opt.state.items():  # a CPU checkpoint's moments are contiguous; on CUDA the weights are
@@ -1244,6 +1368,7 @@ def train(argv, signals, held):
         while iteration < args.iters and not stop:
             iteration += 1
             lr = lr_at(stages, images_seen // per_epoch) if stages else args.lr
+            set_growth(nets, *growth(args, iteration - 1))
             meter.add(iteration, train_step(nets, loader, iteration, lr, args, device))
             images_seen += args.critic_its * batch
             now = time.time()
@@ -1259,7 +1384,8 @@ def train(argv, signals, held):
                     "no checkpoint was written yet"
                 fail(f"non-finite loss at iteration {bad}; training stopped, {kept}", code=1)
             if iteration % args.log_every == 0 or last:
-                run.log({"iter": iteration, **meter.record(now, args.critic_its * batch), "lr": lr,
+                grown = {"res": shown.res, "alpha": shown.alpha} if args.grow else {}
+                run.log({"iter": iteration, **meter.record(now, args.critic_its * batch), "lr": lr, **grown,
                          "epoch": images_seen / per_epoch, "global_batch": batch, "seconds": now - t_start})
             if run.bar:
                 run.bar.update(min(now - t_start, args.max_time) - run.bar.n if args.max_time else 1)

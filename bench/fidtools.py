@@ -74,6 +74,8 @@ def load_generator(module, path):
     generator = module.Generator(args)
     generator.load_state_dict(state)
     step = next((ckpt[k] for k in ("iteration", "step", "iter") if k in ckpt), "?")
+    if getattr(args, "grow", None):  # wgan_gp_64 --grow: the resolution and fade of its last step
+        generator.res, generator.alpha = module.growth(args, max(0, step - 1))
     return generator, args, f"{which} of {path} (step {step})"
 
 
@@ -87,6 +89,8 @@ def generate_uint8(module, generator, args, n, device):
         z = (module.sample_z(m, args.latent_dim, "cpu", g) if hasattr(module, "sample_z")
              else torch.randn(m, args.latent_dim, generator=g))
         x = generator(z.to(device)).float().clamp(-1, 1)
+        if x.shape[-1] < getattr(args, "image_size", x.shape[-1]):  # a grown run before its last stage: shown
+            x = torch.nn.functional.interpolate(x, size=args.image_size)  # upsampled, against the same reals
         out.append(((x + 1) * 127.5).round().to(torch.uint8).cpu())
     return torch.cat(out)
 

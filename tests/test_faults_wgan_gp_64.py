@@ -155,8 +155,8 @@ def test_local_rank_maps_onto_the_visible_gpus(monkeypatch, local_rank, count, i
 
 def test_fid_cache_is_keyed_by_the_device(tmp_path):
     args = w.parse_args(["--data", str(tmp_path), "--out", str(tmp_path)])
-    paths = {w.fid_cache(args, 10, torch.device(d)) for d in ("cpu", "cuda")}
-    assert len(paths) == 2
+    paths = {w.fid_cache(args, 10, torch.device(d), 64) for d in ("cpu", "cuda")}
+    assert len(paths) == 2 and w.fid_cache(args, 10, torch.device("cpu"), 32) not in paths  # and by a grown stage
 
 
 # ------------------------------------------------------------------------ issue 26: signals at every moment

@@ -644,3 +644,134 @@ def test_cpu_recipe_trains_on_a_mixed_folder(tmp_path, capsys):
 def test_cpu_hint_for_large_images_on_a_cpu(tmp_path, folder, capsys):
     run(tmp_path, folder, "--image-size", "64", "--iters", "1")
     assert w.CPU_RECIPE in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ progressive growing
+GROWN = ["--grow", "8:3,16:3,32", "--fade", "2", "--sample-every", "1", "--torch-deterministic"]
+
+
+def opt_steps(opt):
+    """Adam's step count per parameter (0: never updated, no state)."""
+    return [int(opt.state[p]["step"]) if p in opt.state else 0 for g in opt.param_groups for p in g["params"]]
+
+
+def test_growth_follows_the_schedule():
+    args = tiny_args("--grow", "8:3,16:4,32", "--fade", "2")
+    got = [w.growth(args, done) for done in range(10)]
+    assert got == [(8, 1.0)] * 3 + [(16, 0.5), (16, 1.0), (16, 1.0), (16, 1.0), (32, 0.5), (32, 1.0), (32, 1.0)]
+    assert w.growth(tiny_args(), 123) == (32, 1.0)
+    assert [w.growth(tiny_args("--grow", "16:2,32", "--fade", "0"), d) for d in (1, 2)] == [(16, 1.0), (32, 1.0)]
+
+
+@pytest.mark.parametrize("grow, needle", [
+    ("8:10,16", "ends at 16 px, not --image-size 32"),  # TINY trains at 32 px
+    ("8:10,32", "must double"),
+    ("16:10,32:10,64", "above --image-size 32"),
+    ("4:10,8:10,16:10,32", "at least 8"),
+    ("12:10,24", "power of two"),
+    ("16,32", "cannot read '16'"),
+    ("16:10,32:10", "cannot read '32:10'"),
+    ("16:ten,32", "cannot read"),
+    ("32", "at least two resolutions"),
+    ("16:0,32", "at least 1 step"),
+])
+def test_bad_grow_schedules_get_one_line_and_exit_2(grow, needle, capsys):
+    assert needle in expect_exit(capsys, TINY + ["--data", ".", "--grow", grow])
+
+
+def test_a_fade_longer_than_its_stage_is_refused(capsys):
+    line = expect_exit(capsys, TINY + ["--data", ".", "--grow", "8:5,16:3,32", "--fade", "4"])
+    assert "the 16 px stage (3 steps) is shorter than its --fade 4" in line
+
+
+def test_grown_nets_blend_the_old_and_new_resolution():
+    """alpha 0 is the smaller net exactly (generator: upsampled; critic: on the input averaged down), alpha 1
+    the new block alone, and the stage's size is the output's."""
+    args = tiny_args("--grow", "8:3,16:3,32", "--fade", "2")
+    torch.manual_seed(0)
+    generator, critic = w.Generator(args).eval(), w.Critic(args).eval()
+    z, x = torch.randn(4, 16), torch.rand(4, 3, 16, 16) * 2 - 1
+    generator.res, generator.alpha = 8, 1.0
+    small, small_score = generator(z), critic(F.avg_pool2d(x, 2))
+    assert small.shape == (4, 3, 8, 8)
+    generator.res, generator.alpha, critic.alpha = 16, 0.0, 0.0
+    assert torch.allclose(generator(z), F.interpolate(small, scale_factor=2))
+    assert torch.allclose(critic(x), small_score, atol=1e-6)
+    generator.alpha = critic.alpha = 1.0
+    new, new_score = generator(z), critic(x)
+    assert new.shape == (4, 3, 16, 16) and not torch.allclose(new, F.interpolate(small, scale_factor=2))
+    generator.alpha = critic.alpha = 0.25
+    assert torch.allclose(generator(z), torch.lerp(F.interpolate(small, scale_factor=2), new, 0.25), atol=1e-6)
+    assert not torch.allclose(critic(x), new_score)
+    generator.res = 32
+    assert generator(z).shape == (4, 3, 32, 32) and critic(torch.zeros(4, 3, 32, 32)).shape == (4,)
+
+
+def test_growing_changes_the_resolution_on_schedule_and_keeps_the_shared_layers(tmp_path, folder):
+    out = run(tmp_path, folder, "--iters", "3", *GROWN, "--ckpt-every", "0")
+    first = torch.load(out / "ckpt" / "last.pt", weights_only=True)
+    args = w.parse_args(["--resume", str(out)])
+    fresh = w.build_nets(args, torch.device("cpu"))  # the initial weights, from the seed
+    for part, net in (("generator", fresh.generator), ("critic", fresh.critic)):
+        for name, value in net.state_dict().items():  # layers of later stages are untouched, the first's trained
+            grown_later = name.split(".")[0] in ("blocks", "to_rgb", "from_rgb", "down")
+            assert torch.equal(first[part][name], value) == grown_later, (part, name)
+    w.main(["--resume", str(out), "--iters", "8"])
+    sizes = {int(p.stem[5:]): Image.open(p).size[0] for p in (out / "samples").glob("iter_*.png")}
+    grid = {8: 8 * 8 + 9 * 2, 16: 8 * 16 + 9 * 2, 32: 8 * 32 + 9 * 2}  # 8 tiles and 2 px padding a row
+    assert sizes == {1: grid[8], 2: grid[8], 3: grid[8], 4: grid[16], 5: grid[16], 6: grid[16],
+                     7: grid[32], 8: grid[32]}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iter"], r["res"], r["alpha"]) for r in rows] == [(2, 8, 1.0), (3, 8, 1.0), (4, 16, 0.5),
+                                                                  (6, 16, 1.0), (8, 32, 1.0)]
+    ckpt = w.load_checkpoint(out / "ckpt" / "last.pt")
+    nets = w.build_nets(args, torch.device("cpu"))
+    w.restore(ckpt, nets, args, 0, 1, torch.device("cpu"))
+    # optimizer state carried through the doublings: the 8 px layers have all 8 steps, each later block its own
+    names = [n for n, _ in nets.generator.named_parameters()]
+    steps = dict(zip(names, opt_steps(nets.opt_g)))
+    assert steps["fc.weight"] == 8 and steps["blocks.0.1.weight"] == 5 and steps["blocks.1.1.weight"] == 2
+    assert steps["to_rgb.0.0.weight"] == 4 and steps["net.8.weight"] == 4  # to-RGBs also feed their next fade
+    gif = Image.open(out / "progress.gif")
+    assert gif.n_frames == 8 and gif.size == (grid[32],) * 2  # the early frames upsampled
+
+
+def test_resume_inside_a_fade_is_bit_exact(tmp_path, folder):
+    common = [*GROWN, "--fade", "3", "--sample-every", "0"]
+    straight = run(tmp_path, folder, "--iters", "8", *common, name="straight")
+    run(tmp_path, folder, "--iters", "5", *common, name="split")
+    assert [w.growth(w.parse_args(["--resume", str(tmp_path / "runs" / "split")]), d)[1] for d in (4, 5)] == \
+        [2 / 3, 1.0]  # stopped after step 5, inside the 16 px fade
+    w.main(["--resume", str(tmp_path / "runs" / "split"), "--iters", "8"])
+    a, b = weights(straight), weights(tmp_path / "runs" / "split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_finished_32px_run_continues_at_64px(tmp_path, folder, capsys):
+    out = run(tmp_path, folder, "--iters", "3", "--sample-every", "0")
+    before = torch.load(out / "ckpt" / "last.pt", weights_only=True)
+    capsys.readouterr()
+    line = expect_exit(capsys, ["--resume", str(out), "--image-size", "64", "--iters", "5"])
+    assert "--image-size 64 differs from the checkpoint's 32" in line
+    line = expect_exit(capsys, ["--resume", str(out), "--image-size", "64", "--grow", "32:2,64", "--iters", "5"])
+    assert "write --grow 32:3,... to grow the run" in line
+    line = expect_exit(capsys, ["--resume", str(out), "--image-size", "64", "--grow", "16:3,32:3,64", "--fade", "3"])
+    assert "--image-size 64 differs from the checkpoint's 32" in line  # grown from another size than its own
+    w.main(["--resume", str(out), "--image-size", "64", "--grow", "32:3,64", "--fade", "1", "--iters", "5",
+            "--sample-every", "1"])
+    assert Image.open(out / "samples" / "iter_000005.png").size == (8 * 64 + 18,) * 2
+    args = w.parse_args(["--resume", str(out)])
+    assert (args.image_size, args.grow) == (64, "32:3,64")
+    nets = w.build_nets(args, torch.device("cpu"))
+    w.restore(w.load_checkpoint(args.resume), nets, args, 0, 1, torch.device("cpu"))
+    steps = dict(zip([n for n, _ in nets.critic.named_parameters()], opt_steps(nets.opt_d)))
+    assert steps["features.3.weight"] == 10 and steps["from_rgb.0.0.weight"] == 4  # 2 critic steps a step
+    assert set(before["critic"]) < set(nets.critic.state_dict())
+    w.main(["--resume", str(out), "--sample", "2", "--sample-out", str(tmp_path / "gen")])
+    assert Image.open(tmp_path / "gen" / "000000.png").size == (64, 64)
+
+
+def test_sample_mode_of_a_run_stopped_mid_growth_draws_its_resolution(tmp_path, folder):
+    out = run(tmp_path, folder, "--iters", "4", *GROWN)
+    w.main(["--resume", str(out), "--sample", "2", "--sample-out", str(tmp_path / "gen")])
+    assert Image.open(tmp_path / "gen" / "000001.png").size == (16, 16)
