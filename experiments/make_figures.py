@@ -3,6 +3,7 @@
     .venv/bin/python experiments/make_figures.py \
         --mnist-ttq .benchmarks/ttq/<time>     # WGAN_TTQ_T=1800 WGAN_TTQ_FLAGS="--penalty gp" (docs/wgan_mnist.md)
         --fish-ttq .benchmarks/ttq/<time>      # the CPU recipe vs the DCGAN baseline (docs/wgan_gp_64.md)
+        --fish64-ttq .benchmarks/ttq/<time>    # 64 px: grown vs from scratch (WGAN_TTQ_VS, docs/wgan_gp_64.md)
         --seed001 runs/docs                    # bash experiments/docs_runs.sh (seed001_* runs)
         --morph runs/docs/morph_8gaussians     # the same script's noise_morph run
 
@@ -56,28 +57,29 @@ def curve(ttq, name, title):
     save_figure(fig, name)
 
 
-def ttq_images(ttq, prefix, title, scale):
+def ttq_images(ttq, prefix, title, scale, other="baseline"):
     curve(ttq, f"{prefix}_curve.png", title)
-    for arm in ("script", "baseline"):
+    for arm in ("script", other):
         save_png(Image.open(ttq / f"{arm}_grid.png").convert("RGB"), f"{prefix}_{arm}_grid.png", scale)
 
 
-def fish_figures(ttq):
+def fish_figures(ttq, prefix, scale):
     run = ttq / "script"
     frames = sorted((run / "samples").glob("iter_*.png"))
     picked = [frames[round(i * (len(frames) - 1) / 5)] for i in range(6)] if len(frames) >= 6 else frames
+    size = Image.open(frames[-1]).size  # a grown run's early grids are smaller: upsampled (nearest) to the last's
     tiles = []
     for frame in picked:  # the top-left 4x4 tiles of each grid (torchvision's 2 px padding between tiles)
-        grid = Image.open(frame).convert("RGB")
+        grid = Image.open(frame).convert("RGB").resize(size, Image.NEAREST)
         tile = (grid.width - 2) // 8
         tiles.append(grid.crop((0, 0, 4 * tile + 2, 4 * tile + 2)))
     strip = Image.new("RGB", (sum(t.width for t in tiles), tiles[0].height), "white")
     for i, tile in enumerate(tiles):
         strip.paste(tile, (i * tile.width, 0))
-    save_png(strip, "fish32_progress.png", 2)
+    save_png(strip, f"{prefix}_progress.png", scale)
     print("  progress frames:", ", ".join(p.stem for p in picked))
-    save_png(Image.open(run / "interpolation.png").convert("RGB"), "fish32_interpolation.png", 2)
-    save_png(Image.open(run / "nearest_neighbours.png").convert("RGB"), "fish32_nearest_neighbours.png")
+    save_png(Image.open(run / "interpolation.png").convert("RGB"), f"{prefix}_interpolation.png", scale)
+    save_png(Image.open(run / "nearest_neighbours.png").convert("RGB"), f"{prefix}_nearest_neighbours.png")
 
 
 def seed001(runs):
@@ -112,6 +114,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mnist-ttq", type=Path)
     p.add_argument("--fish-ttq", type=Path)
+    p.add_argument("--fish64-ttq", type=Path)
     p.add_argument("--seed001", type=Path)
     p.add_argument("--morph", type=Path)
     args = p.parse_args()
@@ -120,7 +123,10 @@ def main():
         ttq_images(args.mnist_ttq, "mnist", "MNIST: wgan_mnist.py --penalty gp vs MLP WGAN-GP", 2)
     if args.fish_ttq:
         ttq_images(args.fish_ttq, "fish32", "fish 32x32: CPU recipe vs DCGAN WGAN-GP", 2)
-        fish_figures(args.fish_ttq)
+        fish_figures(args.fish_ttq, "fish32", 2)
+    if args.fish64_ttq:
+        ttq_images(args.fish64_ttq, "fish64", "fish 64x64: grown (--grow) vs from scratch", 1, other="vs")
+        fish_figures(args.fish64_ttq, "fish64", 1)
     if args.seed001:
         seed001(args.seed001)
     if args.morph:
