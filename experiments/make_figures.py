@@ -8,7 +8,8 @@
         --morph runs/docs/morph_8gaussians     # the same script's noise_morph run
 
 Each option is independent; the ones given overwrite their images. Grids are cropped or upscaled by an integer
-factor (nearest), never resampled, and written as optimised PNG.
+factor (nearest), never resampled, and written as optimised PNG (the 64 px grids, over 400 KB as PNG or lossless
+WebP, as WebP of quality 90).
 """
 import argparse
 import json
@@ -29,7 +30,10 @@ SEED001 = {"seed001_k5": "k = 5 (clip 0.01, RMSprop 5e-5)", "seed001_k1": "k = 1
 def save_png(image, name, scale=1):
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    image.save(OUT / name, optimize=True)
+    if name.endswith(".webp"):  # the 64 px grids: as PNG (and lossless WebP) over 400 KB
+        image.save(OUT / name, quality=90, method=6)
+    else:
+        image.save(OUT / name, optimize=True)
     print(f"{OUT / name}: {image.width}x{image.height}, {(OUT / name).stat().st_size // 1024} KB")
 
 
@@ -44,12 +48,12 @@ def rows(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def curve(ttq, name, title):
+def curve(ttq, name, title, labels=None):
     """FID against training seconds for both arms, from the bench's curve.json, floor dashed."""
     data = json.loads((ttq / "curve.json").read_text())
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for arm in data["arms"]:
-        ax.plot(arm["seconds"], arm["fid"], "o-", label=arm["label"])
+        ax.plot(arm["seconds"], arm["fid"], "o-", label=(labels or {}).get(arm["name"], arm["label"]))
     ax.axhline(data["floor"], ls="--", c="gray", label=f"floor (real vs real) {data['floor']:.2f}")
     ax.set(xlabel="training seconds (one CPU thread each, side by side)", ylabel=f"FID, n = {data['n']}",
            title=title, ylim=(0, None))
@@ -57,10 +61,10 @@ def curve(ttq, name, title):
     save_figure(fig, name)
 
 
-def ttq_images(ttq, prefix, title, scale, other="baseline"):
-    curve(ttq, f"{prefix}_curve.png", title)
+def ttq_images(ttq, prefix, title, scale, other="baseline", labels=None, ext="png"):
+    curve(ttq, f"{prefix}_curve.png", title, labels)
     for arm in ("script", other):
-        save_png(Image.open(ttq / f"{arm}_grid.png").convert("RGB"), f"{prefix}_{arm}_grid.png", scale)
+        save_png(Image.open(ttq / f"{arm}_grid.png").convert("RGB"), f"{prefix}_{arm}_grid.{ext}", scale)
 
 
 def fish_figures(ttq, prefix, scale):
@@ -125,7 +129,9 @@ def main():
         ttq_images(args.fish_ttq, "fish32", "fish 32x32: CPU recipe vs DCGAN WGAN-GP", 2)
         fish_figures(args.fish_ttq, "fish32", 2)
     if args.fish64_ttq:
-        ttq_images(args.fish64_ttq, "fish64", "fish 64x64: grown (--grow) vs from scratch", 1, other="vs")
+        labels = {"script": "grown: --grow 16:4500,32:6500,64 --fade 500 (before T: upsampled)",
+                  "vs": "from scratch at 64 px"}
+        ttq_images(args.fish64_ttq, "fish64", "fish 64x64: CPU recipe grown vs from scratch", 1, "vs", labels, "webp")
         fish_figures(args.fish64_ttq, "fish64", 1)
     if args.seed001:
         seed001(args.seed001)
