@@ -22,6 +22,9 @@ Where this departs from the paper or the seed notebook:
   here 0.5, as its README says. It reused one real batch for its 4 critic steps: here each critic step draws a
   fresh batch, 5 by default (`--critic-its 4` = seed).
 - The latent vector is pixel-normalised before the first layer, as in ProGAN.
+- `--grow`: ProGAN's growing with one 5x5 conv per new resolution (ProGAN adds two 3x3), the stage lengths in
+  generator steps (ProGAN counts images) so a resume lands in the same place of a fade, and the nets of the first
+  resolution exactly as a plain run of that size, so that a finished run can grow on (seed 000's way).
 - The EMA decay warms up as min(0.999, (1 + t) / (10 + t)) (TensorFlow's rule): a constant 0.999 is still 37%
   the random initial weights after 1,000 steps, so early samples and FIDs would show noise. `--no-ema-warmup`
   gives the constant decay.
