@@ -167,3 +167,22 @@ def test_feature_cache_is_per_device_and_recomputed_when_it_does_not_load(tmp_pa
     torch.save(torch.zeros(2, 2048), path)  # features of another n under this name
     assert torch.equal(fidtools.features(images, None, False, "real"), first) and calls == [3, 3, 3]
     assert torch.equal(torch.load(path), first)
+
+
+def test_a_grown_run_is_scored_at_its_stage_upsampled_to_its_image_size(tmp_path):
+    """wgan_gp_64 --grow: a snapshot inside the 8 px stage draws 8 px images (its last step's stage), handed to
+    Inception at --image-size like the final ones, so every point of a curve compares against the same reals."""
+    import numpy as np
+    from PIL import Image
+    w = importlib.import_module("wgan_gp_64")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    w.main(["--data", str(tmp_path), "--out", str(tmp_path / "runs"), "--run-name", "g", "--image-size", "32",
+            "--g-channels", "8", "--d-channels", "8", "--latent-dim", "16", "--batch-size", "4", "--critic-its", "1",
+            "--num-workers", "0", "--sample-every", "0", "--iters", "2", "--grow", "8:3,16:3,32", "--fade", "2"])
+    generator, args, _ = load_generator(w, tmp_path / "runs" / "g" / "ckpt" / "last.pt")
+    assert (generator.res, generator.alpha) == (8, 1.0)
+    images = generate_uint8(w, generator, args, 3, "cpu")
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.equal(images[..., ::4, ::4].repeat_interleave(4, -1).repeat_interleave(4, -2), images)  # nearest
