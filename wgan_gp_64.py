@@ -46,6 +46,7 @@ import contextlib
 import copy
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -81,7 +82,7 @@ CPU_RECIPE = ("--image-size 64 --g-channels 32 --d-channels 32 --batch-size 16 -
 CACHE_BYTES = 2 * 2 ** 30  # --cache-images holds at most this much uint8 image data per process
 AGREE_EVERY = 10  # under torchrun the ranks compare stop requests every this many steps: each compare waits for the GPU
 NOT_FROM_FILES = {"config", "resume", "run_name", "sample", "sample_out"}  # said on the command line only
-NETWORK = ("image_size", "channels", "latent_dim", "g_channels", "d_channels", "equalized_lr", "grow")  # fixed by a checkpoint
+NETWORK = ("image_size", "channels", "latent_dim", "g_channels", "d_channels", "equalized_lr", "grow")  # in a ckpt
 
 # ---------------------------------------------------------------------------------------------- flags
 def fail(message, code=2):
@@ -335,10 +336,10 @@ def parse_schedule(text):
     return stages
 
 
+@functools.cache  # growth() asks at every step
 def parse_grow(text, image_size):
-    """'16:2000,32:6000,64' -> [(16, 2000), (32, 6000), (64, None)]: resolutions, each with its length in generator
-    steps (what --iters, --sample-every and a checkpoint count: a resume lands in the same place of a fade),
-    the last, --image-size, lasting to the end."""
+    """'16:2000,32:6000,64' -> ((16, 2000), (32, 6000), (64, None)): resolutions, each with its length in generator
+    steps (what --iters and a checkpoint count: a resume lands in the same place of a fade), the last to the end."""
     parts, stages = text.split(","), []
     for k, part in enumerate(parts):
         m = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", part)
@@ -347,25 +348,23 @@ def parse_grow(text, image_size):
                              f"e.g. 16:2000,32:6000,{image_size}")
         stages.append((int(m[1]), int(m[2]) if m[2] else None))
     sizes = [res for res, _ in stages]
-    if len(sizes) < 2:
-        raise ValueError("name at least two resolutions (one alone is --image-size without --grow)")
-    if sizes[0] < 8 or sizes[0] & (sizes[0] - 1):
-        raise ValueError(f"starts at {sizes[0]} px; start at a power of two of at least 8")
-    if any(b != 2 * a for a, b in zip(sizes, sizes[1:])):
-        raise ValueError("each resolution must double the one before (e.g. 16,32,64)")
-    if sizes[-1] != image_size:
-        raise ValueError(f"ends at {sizes[-1]} px, {'above' if sizes[-1] > image_size else 'not'} --image-size "
-                         f"{image_size}; the last resolution is the training resolution")
-    if any(steps < 1 for _, steps in stages[:-1]):
-        raise ValueError("each stage but the last needs at least 1 step")
-    return stages
+    for bad, message in [
+        (len(sizes) < 2, "name at least two resolutions (one alone is --image-size without --grow)"),
+        (sizes[0] < 8 or sizes[0] & (sizes[0] - 1), f"starts at {sizes[0]} px; start at a power of two of at least 8"),
+        (any(b != 2 * a for a, b in zip(sizes, sizes[1:])), "each resolution must double the one before (16,32,64)"),
+        (sizes[-1] != image_size, f"ends at {sizes[-1]} px, {'above' if sizes[-1] > image_size else 'not'} "
+                                  f"--image-size {image_size}; the last resolution is the training resolution"),
+        (any(steps < 1 for _, steps in stages[:-1]), "each stage but the last needs at least 1 step")]:
+        if bad:
+            raise ValueError(message)
+    return tuple(stages)
 
 
 def growth(args, done):
     """(resolution, fade-in weight alpha) of the generator step after `done` steps; (--image-size, 1) without
     --grow. Alpha goes from 1/fade to 1 over the first --fade steps of each stage after the first."""
     begin = 0
-    stages = parse_grow(args.grow, args.image_size) if args.grow else [(args.image_size, None)]
+    stages = parse_grow(args.grow, args.image_size) if args.grow else ((args.image_size, None),)
     for k, (res, steps) in enumerate(stages):
         if steps is None or done < begin + steps:
             into = done - begin + 1
@@ -662,10 +661,8 @@ def grow_sizes(args):
 
 class Generator(nn.Module):
     """z -> 8x8, two convs; per doubling: nearest upsample + 5x5 conv (two at the second-to-last size); to RGB.
-
-    With --grow, that net is built for the first resolution (so a finished run of that size loads into it) and
-    each later one adds a block (upsample + 5x5 conv) and its own to-RGB. The training loop sets `res` and
-    `alpha`: in a fade the new block's image is blended with the upsampled image of the one before."""
+    With --grow: that net at the first size (a finished run of it loads), per later size an upsample + 5x5 conv
+    block and its to-RGB; the loop sets `res` and `alpha` (in a fade, lerp of the upsampled old image and the new)."""
 
     def __init__(self, args):
         super().__init__()
@@ -702,11 +699,8 @@ class Generator(nn.Module):
 
 
 class Critic(nn.Module):
-    """5x5 conv; stride-2 4x4 convs down to 4x4 (3x3 convs at 16 and 4); minibatch stddev; linear to 1.
-
-    With --grow, built for the first resolution, and each later one adds its from-RGB 5x5 conv and a stride-2
-    block; the input's size picks the path, and in a fade (`alpha` < 1) the new block's output is blended with
-    the old from-RGB of the input downsampled."""
+    """5x5 conv; stride-2 4x4 convs down to 4x4 (3x3 convs at 16 and 4); minibatch stddev; linear to 1. With --grow
+    as the generator: per later size a from-RGB 5x5 conv and a stride-2 block, the input's size picks the path."""
 
     def __init__(self, args):
         super().__init__()
@@ -835,10 +829,8 @@ def shrink(images, res):
 
 
 def set_growth(nets, res, alpha):
-    for net in (nets.generator, nets.ema):
-        if net is not None:
-            net.res, net.alpha = res, alpha
-    nets.critic.alpha = alpha
+    for net in filter(None, (nets.generator, nets.ema, nets.critic)):  # the critic takes the size from its input
+        net.res, net.alpha = res, alpha
 
 
 def build_nets(args, device):
