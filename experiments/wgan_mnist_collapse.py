@@ -15,9 +15,8 @@ import torch.nn.functional as F
 
 import wgan_mnist as wm
 
-path, ckpt = wm.load_checkpoint(sys.argv[1])
-ckpt["args"].setdefault("critic_norm", "none")  # as wgan_mnist.py resumes such checkpoints
-args = wm.parse_args(wm.as_flags(ckpt["args"], str(path)) + sys.argv[2:] + ["--device", "cpu"])
+args = wm.parse_args(["--resume", sys.argv[1], *sys.argv[2:], "--device", "cpu"])
+ckpt = wm.load_checkpoint(args.resume)
 generator, critic = wm.Generator(args), wm.Critic(args)
 generator.load_state_dict(ckpt["generator"])
 critic.load_state_dict(ckpt["critic"])

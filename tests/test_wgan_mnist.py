@@ -531,3 +531,26 @@ def test_channels_last_and_fused_adam_give_the_same_step():
 def test_amp_trains_on_a_cpu(tiny_root, tmp_path):
     wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "2", "--critic-its", "1", "--penalty", "gp", "--amp"))
     assert all(math.isfinite(r["loss_critic"]) for r in read_metrics(tmp_path / "runs" / "r"))
+
+
+def test_clipped_critic_analyses_read_a_checkpoint(tiny_root, tmp_path):
+    """experiments/wgan_mnist_critic.py and wgan_mnist_collapse.py on a tiny run: each row's numbers are finite,
+    the run's critic is measured, trained on, and fresh critics end within their own clip value."""
+    import subprocess
+    import sys
+    wm.main(tiny_argv(tiny_root, tmp_path, "--iters", "2", "--critic-its", "1"))
+    run, root = tmp_path / "runs" / "r", os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+
+    def rows(script, *extra):
+        out = subprocess.run([sys.executable, os.path.join(root, "experiments", script), str(run), *extra],
+                             env=env, capture_output=True, text=True, check=True).stdout
+        return [json.loads(line) for line in out.splitlines()]
+    critics = rows("wgan_mnist_critic.py", "--steps", "3", "--clips", "0.01,0.1")
+    names = [r["critic"] for r in critics]
+    assert names[0] == "run" and "run+3" in names and "fresh c=0.1+3" in names
+    assert critics[0]["critic_steps"] == 2 and critics[0]["ckpt_step"] == 2
+    assert all(math.isfinite(r[k]) for r in critics for k in ("estimate", "lipschitz", "gen_grad", "grad_cosine"))
+    assert all(0 <= r["at_bound"] <= 1 for r in critics)
+    (collapse,) = rows("wgan_mnist_collapse.py")
+    assert collapse["step"] == 2 and -1 <= collapse["grad_cosine"] <= 1 and collapse["batch_std"] >= 0
