@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The untimed runs behind the docs' pictures (experiments/make_figures.py draws them): seed 001's five settings for
-# 500 generator steps (its Wasserstein curves, its k = 5 and lr 5e-5 pinned: the clipped defaults since changed) and
+# 500 generator steps (its Wasserstein curves; k and lr given, so that a new clipped default leaves the figure) and
 # noise_morph on 8 Gaussians (seed 003's D(G(z)) vs D(G(NM(z))) curve, critic contour, latent panels).
 # Step counts, not wall time, fix these runs, so they may share the machine. Usage: bash experiments/docs_runs.sh
 cd "$(dirname "$0")/.."
