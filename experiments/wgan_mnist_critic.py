@@ -10,7 +10,7 @@ One JSON line per critic:
     critic would reach the data's W1; a clipped one less);
   fake_grad: mean ||dD/dx|| at the fakes, the signal the generator gets; grad_cosine: mean pairwise cosine of it
     (1: the same push for every sample); gen_grad: norm of the generator's parameter gradient of -mean D(G(z));
-  at_bound: share of critic parameters at +-c, per layer and in all.
+  at_bound: share of critic parameters at +-c, per layer and in all; max_abs: the largest |parameter|.
 Rows: "run" (the checkpoint's critic), "run+N" (it, trained N more critic steps, its RMSprop state kept, on the
 frozen generator: its estimate after N over the run's is how far from converged the run's critic was) and
 "fresh c=..." (a new critic trained N steps at clip c; the checkpoint's lr and optimizer). One thread.
@@ -72,7 +72,8 @@ def measure(name, net, clip, steps_done):
                       "normalized": round((estimate / lipschitz).item(), 3),
                       "fake_grad": round(g.norm(dim=1).mean().item(), 6),
                       "grad_cosine": round(((cos @ cos.T).sum().item() - len(g)) / (len(g) * (len(g) - 1)), 4),
-                      "gen_grad": round(gen_grad.item(), 6), "at_bound": round(total, 3), "layers": layers}),
+                      "gen_grad": round(gen_grad.item(), 6), "at_bound": round(total, 3),
+                      "max_abs": max(p.abs().max().item() for p in net.parameters()), "layers": layers}),
           flush=True)
 
 
