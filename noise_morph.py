@@ -107,6 +107,11 @@ class Parser(argparse.ArgumentParser):
         fail(message)
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a flag whose default is None says in its own help what None means
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def duration(text):
     """--max-time: seconds, or a number with s, m or h ('90s', '30m', '2h')."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", str(text))
@@ -117,7 +122,7 @@ def duration(text):
 
 def build_parser():
     p = Parser(prog=SCRIPT, description="WGAN-GP with noise morphing (seed 003)",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=Help)
     a = p.add_argument
     a("--dataset", default="8gaussians", choices=TOY + ("mnist",), help="training data")
     a("--data", default="data", help="torchvision root holding MNIST/raw (mnist only)")

@@ -116,6 +116,11 @@ class Parser(argparse.ArgumentParser):
         fail(message)
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a flag whose default is None says in its own help what None means
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def duration(text):
     """--max-time: seconds, or a number with s, m or h ('90s', '30m', '2h')."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", str(text))
@@ -125,7 +130,7 @@ def duration(text):
 
 
 def build_parser():
-    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=Help)
     a, on_off = p.add_argument, argparse.BooleanOptionalAction
     a("--config", help="JSON or YAML file of flag values (a run's args.json works); command-line flags win")
     a("--data", help="folder of training images (searched recursively: jpg, png, bmp, webp)")
@@ -141,7 +146,7 @@ def build_parser():
       help="minibatch-stddev group size (min(group, batch) is used; 1 = a constant channel, i.e. off)")
     a("--equalized-lr", action="store_true", help="N(0,1) weights scaled at run time by sqrt(2/fan_in)")
     a("--grow", help="progressive growing: resolutions, each but the last with its length in generator steps, "
-      "the last = --image-size until the end (e.g. 16:2000,32:6000,64)")
+      "the last = --image-size until the end (e.g. 16:2000,32:6000,64; none: --image-size from the start)")
     a("--fade", type=int, default=1000, help="with --grow: generator steps over which each new resolution fades in")
     a("--iters", type=int, default=100_000, help="generator steps")
     a("--max-time", type=duration, help="wall-clock budget (seconds, or 90s, 30m, 2h): training ends after the "

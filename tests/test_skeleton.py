@@ -1,6 +1,7 @@
 """The three scripts share one skeleton: the same sections in the same order, the same names in the same
 sections, and a main that fits on a screen or two (issue 15)."""
 import ast
+import importlib
 import re
 from pathlib import Path
 
@@ -56,3 +57,12 @@ def test_the_check_can_fail():
     assert found == {"flags": {"fail"}, "main": {"gradient_penalty"}}
     assert sections_of("def build_parser():\n    pass\n# ---- flags\n") == {"(before the sections)": {"build_parser"}, "flags": set()}
     assert not SECTIONS["losses"] <= found.get("losses", set())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_defaults_but_never_none(script):
+    """A flag whose default is None says in its own help what None means; argparse's '(default: None)' says
+    nothing and, where the help already named the default, contradicted it."""
+    text = importlib.import_module(script.removesuffix(".py")).build_parser().format_help()
+    assert "(default: None)" not in text
+    assert "(default: 1)" in text.replace("\n", " ")  # --seed's: the other defaults are still printed
