@@ -510,7 +510,8 @@ def write_plots(run_dir, it, history, generator, critic, morpher, z, real):
             ax.plot(*zip(*points), label=label)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set(xlabel="generator step", ylabel="mean critic score", title="critic scores on a fixed z")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # no score is logged before the first log step
+        ax.legend()
     with replacing(os.path.join(run_dir, "scores.png")) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
