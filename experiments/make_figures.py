@@ -2,6 +2,7 @@
 
     .venv/bin/python experiments/make_figures.py \
         --mnist-ttq .benchmarks/ttq/<time>     # WGAN_TTQ_T=1800 WGAN_TTQ_FLAGS="--penalty gp" (docs/wgan_mnist.md)
+        --mnist-clip-ttq .benchmarks/ttq/<time>   # WGAN_TTQ_T=1800 WGAN_TTQ_FLAGS="": the clipped default
         --fish-ttq .benchmarks/ttq/<time>      # the CPU recipe vs the DCGAN baseline (docs/wgan_gp_64.md)
         --fish64-ttq .benchmarks/ttq/<time>    # 64 px: grown vs from scratch (WGAN_TTQ_VS, docs/wgan_gp_64.md)
         --seed001 runs/docs                    # bash experiments/docs_runs.sh (seed001_* runs)
@@ -117,6 +118,7 @@ def morph(run):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mnist-ttq", type=Path)
+    p.add_argument("--mnist-clip-ttq", type=Path)
     p.add_argument("--fish-ttq", type=Path)
     p.add_argument("--fish64-ttq", type=Path)
     p.add_argument("--seed001", type=Path)
@@ -125,6 +127,8 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     if args.mnist_ttq:
         ttq_images(args.mnist_ttq, "mnist", "MNIST: wgan_mnist.py --penalty gp vs MLP WGAN-GP", 2)
+    if args.mnist_clip_ttq:
+        ttq_images(args.mnist_clip_ttq, "mnist_clip", "MNIST: wgan_mnist.py (weight clipping) vs MLP WGAN-GP", 2)
     if args.fish_ttq:
         ttq_images(args.fish_ttq, "fish32", "fish 32x32: CPU recipe vs DCGAN WGAN-GP", 2)
         fish_figures(args.fish_ttq, "fish32", 2)

@@ -118,8 +118,8 @@ def test_gp_lambda_zero_skips_the_penalty_pass(lam, passes):
 
 # ---------------------------------------------------------------------------------------- optimizers
 @pytest.mark.parametrize("argv, cls, lr", [
-    ([], torch.optim.RMSprop, 5e-4),
-    (["--optimizer", "adam"], torch.optim.Adam, 5e-4),
+    ([], torch.optim.RMSprop, 2e-4),
+    (["--optimizer", "adam"], torch.optim.Adam, 2e-4),
     (["--lr", "5e-5"], torch.optim.RMSprop, 5e-5),
     (["--penalty", "gp"], torch.optim.Adam, 8e-4),
     (["--penalty", "gp", "--optimizer", "rmsprop", "--lr", "3e-4"], torch.optim.RMSprop, 3e-4),
@@ -136,9 +136,20 @@ def test_optimizer_settings(argv, cls, lr):
             assert (group["alpha"], group["eps"], group["momentum"], group["centered"]) == (0.99, 1e-8, 0, False)
 
 
+@pytest.mark.parametrize("argv, k, ema, lr", [
+    ([], 1, 0.999, 2e-4),                                       # the clipped default (issue 27)
+    (["--penalty", "gp"], 5, 0.0, 8e-4),
+    (["--critic-its", "5", "--ema", "0", "--lr", "5e-5"], 5, 0.0, 5e-5),   # seed 001's base run
+    (["--penalty", "gp", "--critic-its", "2", "--ema", "0.9"], 2, 0.9, 8e-4),
+])
+def test_the_defaults_that_follow_the_penalty(argv, k, ema, lr):
+    args = wm.parse_args(argv)
+    assert (args.critic_its, args.ema, args.lr) == (k, ema, lr)
+
+
 # ------------------------------------------------------------------------------------ warm-up schedule
 def test_critic_warmup_schedule():
-    warm = wm.parse_args(["--critic-warmup"])
+    warm = wm.parse_args(["--critic-warmup", "--critic-its", "5"])
     expected = {s: 100 if s < 25 or s % 500 == 0 else 5 for s in range(0, 2001)}
     assert {s: wm.critic_iters_for(s, warm) for s in expected} == expected
     assert wm.critic_iters_for(24, warm) == 100 and wm.critic_iters_for(25, warm) == 5
