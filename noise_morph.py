@@ -135,7 +135,8 @@ def build_parser():
       help="lazy penalty: only every K-th critic step pays the penalty, weighted lambda * K (None: 1 toy, 4 mnist)")
     a("--iters", type=int, default=5000, help="generator steps")
     a("--max-time", type=duration, default=None,
-      help="wall-clock budget (seconds, or 90s, 30m, 2h): training ends after the step that crosses it")
+      help="wall-clock budget (seconds, or 90s, 30m, 2h; none: no limit): training ends after the step that "
+      "crosses it")
     a("--critic-its", type=int, default=5, help="critic steps per generator step")
     a("--morph-its", type=int, default=5, help="morpher steps per generator step")
     a("--lr", type=float, default=None,

@@ -149,8 +149,8 @@ def build_parser():
       "the last = --image-size until the end (e.g. 16:2000,32:6000,64; none: --image-size from the start)")
     a("--fade", type=int, default=1000, help="with --grow: generator steps over which each new resolution fades in")
     a("--iters", type=int, default=100_000, help="generator steps")
-    a("--max-time", type=duration, help="wall-clock budget (seconds, or 90s, 30m, 2h): training ends after the "
-      "step that crosses it")
+    a("--max-time", type=duration, help="wall-clock budget (seconds, or 90s, 30m, 2h; none: no limit): training "
+      "ends after the step that crosses it")
     a("--batch-size", type=int, default=32, help="images per critic step (per process under torchrun)")
     a("--critic-its", type=int, default=5, help="critic steps per generator step, each on a fresh batch")
     a("--lr", type=float, default=1e-4, help="learning rate of both networks when no schedule is given")
@@ -191,7 +191,7 @@ def build_parser():
       help="decode and fit every image once at start and keep it in memory (uint8; up to 2 GiB)")
     a("--fid-every", type=int, default=0, help="FID/KID of the EMA generator every N steps (0: off)")
     a("--fid-samples", type=int, default=5000, help="images per side for FID/KID")
-    a("--fid-weights", help="Inception weights for torch-fidelity (needed offline)")
+    a("--fid-weights", help="Inception weights for torch-fidelity (needed offline; none: download)")
     a("--sample", type=int, default=0, help="with --resume: write this many generated PNGs and exit")
     a("--sample-out", help="folder for --sample (default: <run>/generated)")
     return p
