@@ -214,8 +214,8 @@ def parse_args(argv=None):
     check_args(args)
     args.optimizer = args.optimizer or ("adam" if gp else "rmsprop")
     args.lr = args.lr if args.lr is not None else (8e-4 if gp else 2e-4)
-    args.g_width = args.g_width or 16
-    args.d_width = args.d_width or (16 if gp else 32)
+    args.g_width = 16 if args.g_width is None else args.g_width
+    args.d_width = (16 if gp else 32) if args.d_width is None else args.d_width
     if args.critic_norm == "auto":
         args.critic_norm = "batch" if args.arch == "dcgan" and not gp else "none"
     return args
@@ -273,7 +273,8 @@ def check_args(args):
               (args.iters < 0, f"--iters must be 0 or more, got {args.iters}"),
               (args.gp_lambda < 0, f"--gp-lambda must be 0 or more, got {args.gp_lambda}"),
               (args.latent_dim < 1, f"--latent-dim must be at least 1, got {args.latent_dim}"),
-              (min(args.g_width or 1, args.d_width or 1) < 1, "--g-width and --d-width must be at least 1"),
+              (any(w is not None and w < 1 for w in (args.g_width, args.d_width)),
+               "--g-width and --d-width must be at least 1"),
               (args.gp_every < 1, f"--gp-every must be at least 1 (1: the penalty at every step), got {args.gp_every}"),
               (not 0 <= args.ema < 1, f"--ema must be in [0, 1), got {args.ema}"),
               (args.log_every < 1, f"--log-every must be at least 1, got {args.log_every}"),

@@ -376,6 +376,8 @@ def test_missing_data_names_folder_and_flag(tmp_path, capsys):
     (["--clip-value", "-0.01"], "--clip-value"),
     (["--critic-its", "0"], "--critic-its"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--g-width", "0"], "--g-width"),  # 0 once passed the check and then became the default width
+    (["--d-width", "-3"], "--d-width"),
     (["--penalty", "gp", "--critic-norm", "batch"], "--critic-norm"),
     (["--arch", "mlp", "--critic-norm", "batch"], "--critic-norm"),
     (["--no-such-flag"], "--no-such-flag"),
