@@ -1,8 +1,9 @@
 """FID/KID of a wgan_mnist.py checkpoint against the MNIST test split at n images (the script's own FID code),
 and a 64-image grid of it, samples/ckpt_<step>[_ema].png (eval mode, z seeded 0). The last argument picks the
-training generator (default) or its moving average (`ema`, for runs with --ema).
+training generator (`generator`) or its moving average (`ema`); by default the one the script's own grids and
+FIDs show: the average when the run keeps one (the clipped default does, --ema 0.999), else the generator.
 
-    PYTHONPATH=. python experiments/wgan_mnist_fid.py runs/<run> 2000 ../shared/models/weights-inception-2015-12-05-6726825d.pth [ema]
+    PYTHONPATH=. python experiments/wgan_mnist_fid.py runs/<run> 2000 ../shared/models/weights-inception-2015-12-05-6726825d.pth [generator|ema]
 """
 import json
 import sys
@@ -13,10 +14,10 @@ from torchvision.utils import save_image
 import wgan_mnist as wm
 
 run, n, weights = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-which = sys.argv[4] if len(sys.argv) > 4 else "generator"
 path = wm.checkpoint_file(run)
 args = wm.parse_args(["--resume", str(path), "--fid-samples", str(n), "--fid-weights", weights, "--device", "cpu"])
 ckpt, device = wm.load_checkpoint(path), torch.device("cpu")
+which = sys.argv[4] if len(sys.argv) > 4 else "ema" if ckpt.get("ema") else "generator"
 generator = wm.Generator(args)
 generator.load_state_dict(ckpt[which])
 generator.eval()
