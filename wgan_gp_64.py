@@ -78,7 +78,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 SEED_SCHEDULE = "100:1e-4,300:5e-5,400:rand(2e-5,6e-5),300:2.5e-5,1400:2e-5"
 LOGGED = ("loss_critic", "wasserstein", "gp", "drift", "loss_gen")
 CPU_RECIPE = ("--image-size 64 --g-channels 32 --d-channels 32 --batch-size 16 --critic-its 2 --critic-dropout 0 "
-              "--lr 4e-4 --gp-every 4 --no-augment --grow 16:4500,32:6500,64 --fade 500 --max-time 1h")  # RESULTS.md
+              "--lr 4e-4 --gp-every 4 --no-augment --grow 16:4500,32:6500,64 --fade 500 --max-time 2h")  # RESULTS.md
 CACHE_BYTES = 2 * 2 ** 30  # --cache-images holds at most this much uint8 image data per process
 AGREE_EVERY = 10  # under torchrun the ranks compare stop requests every this many steps: each compare waits for the GPU
 NOT_FROM_FILES = {"config", "resume", "run_name", "sample", "sample_out"}  # said on the command line only
@@ -1360,7 +1360,7 @@ def train(argv, signals, held):
             f"step, {device}, run folder {run_dir}")
         if device.type == "cpu" and args.image_size > 32 and not args.grow:
             say(f"{SCRIPT}: {args.image_size}px on a CPU takes hours per recognisable sample; for a first look "
-                f"try the README's CPU recipe, grown from 16 to 64 px in an hour: {CPU_RECIPE}")
+                f"try the README's CPU recipe, grown from 16 to 64 px in two hours: {CPU_RECIPE}")
     run, meter = RunLog(run_dir, args, start, lead), Meter(device)
     set_growth(nets, *growth(args, max(0, start - 1)))  # the stage of the checkpoint's step (if no step follows)
     t_start = time.time()

@@ -4,7 +4,9 @@
         --mnist-ttq .benchmarks/ttq/<time>     # WGAN_TTQ_T=1800 WGAN_TTQ_FLAGS="--penalty gp" (docs/wgan_mnist.md)
         --mnist-clip-ttq .benchmarks/ttq/<time>   # WGAN_TTQ_T=1800 WGAN_TTQ_FLAGS="": the clipped default
         --fish-ttq .benchmarks/ttq/<time>      # the CPU recipe vs the DCGAN baseline (docs/wgan_gp_64.md)
-        --fish64-ttq .benchmarks/ttq/<time>    # 64 px: grown vs from scratch (WGAN_TTQ_VS, docs/wgan_gp_64.md)
+        --fish64-ttq .benchmarks/ttq/<time>    # 64 px, 1 h: grown vs from scratch (WGAN_TTQ_VS, docs/wgan_gp_64.md)
+        --fish64-2h-ttq .benchmarks/ttq/<time> # 64 px, 2 h: grown vs the DCGAN baseline (docs/wgan_gp_64.md)
+        --fish64-2h-vs-ttq .benchmarks/ttq/<time>  # 64 px, 2 h, seed 2: grown vs from scratch (WGAN_TTQ_VS)
         --seed001 runs/docs                    # bash experiments/docs_runs.sh (seed001_* runs)
         --morph runs/docs/morph_8gaussians     # the same script's noise_morph run
 
@@ -121,6 +123,8 @@ def main():
     p.add_argument("--mnist-clip-ttq", type=Path)
     p.add_argument("--fish-ttq", type=Path)
     p.add_argument("--fish64-ttq", type=Path)
+    p.add_argument("--fish64-2h-ttq", type=Path)
+    p.add_argument("--fish64-2h-vs-ttq", type=Path)
     p.add_argument("--seed001", type=Path)
     p.add_argument("--morph", type=Path)
     args = p.parse_args()
@@ -137,6 +141,15 @@ def main():
                   "vs": "from scratch at 64 px"}
         ttq_images(args.fish64_ttq, "fish64", "fish 64x64: CPU recipe grown vs from scratch", 1, "vs", labels, "webp")
         fish_figures(args.fish64_ttq, "fish64", 1)
+    if args.fish64_2h_ttq:
+        labels = {"script": "grown: the CPU recipe (before T: upsampled)", "baseline": "DCGAN WGAN-GP at 64 px"}
+        ttq_images(args.fish64_2h_ttq, "fish64_2h", "fish 64x64, 2 h: CPU recipe grown vs DCGAN WGAN-GP", 1,
+                   labels=labels, ext="webp")
+        fish_figures(args.fish64_2h_ttq, "fish64_2h", 1)
+    if args.fish64_2h_vs_ttq:
+        labels = {"script": "grown (before T: upsampled)", "vs": "from scratch at 64 px"}
+        ttq_images(args.fish64_2h_vs_ttq, "fish64_2h_vs", "fish 64x64, 2 h, seed 2: grown vs from scratch", 1, "vs",
+                   labels, "webp")
     if args.seed001:
         seed001(args.seed001)
     if args.morph:

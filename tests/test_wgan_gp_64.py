@@ -629,14 +629,14 @@ def test_amp_trains_on_a_cpu(tmp_path, folder):
 def test_cpu_recipe_trains_on_a_mixed_folder(tmp_path, capsys):
     data = make_folder(tmp_path / "mixed", count=20)
     Image.fromarray(np.full((33, 47), 90, np.uint8)).save(data / "class_0" / "gray.png")  # grayscale, odd size
-    flags = w.CPU_RECIPE.replace("--max-time 1h", "--iters 3").split()
+    flags = w.CPU_RECIPE.replace("--max-time 2h", "--iters 3").split()
     w.main(flags + ["--data", str(data), "--out", str(tmp_path / "runs"), "--run-name", "recipe",
                     "--num-workers", "0", "--sample-every", "3"])
     out = capsys.readouterr().out
     assert "CPU recipe" not in out  # the hint is for runs above 32px that do not grow
     args = json.loads((tmp_path / "runs" / "recipe" / "args.json").read_text())
     assert (args["image_size"], args["critic_dropout"], args["gp_every"], args["augment"]) == (64, 0, 4, False)
-    assert args["grow"] == "16:4500,32:6500,64" and "--max-time 1h" in w.CPU_RECIPE
+    assert args["grow"] == "16:4500,32:6500,64" and "--max-time 2h" in w.CPU_RECIPE
     records = [json.loads(line) for line in (tmp_path / "runs" / "recipe" / "metrics.jsonl").read_text().splitlines()]
     assert records and all(math.isfinite(r["loss_critic"]) for r in records)
     assert (tmp_path / "runs" / "recipe" / "samples" / "iter_000003.png").is_file()
