@@ -27,7 +27,9 @@ Where this departs from the paper or the seed notebook:
   resolution exactly as a plain run of that size, so that a finished run can grow on (seed 000's way).
 - The EMA decay warms up as min(0.999, (1 + t) / (10 + t)) (TensorFlow's rule): a constant 0.999 is still 37%
   the random initial weights after 1,000 steps, so early samples and FIDs would show noise. `--no-ema-warmup`
-  gives the constant decay.
+  gives the constant decay. Under `--grow`, t restarts at each doubling: the new layers learn within a fade of
+  500 steps, shorter than 0.999's horizon of 1,000, and the EMA that lagged them drew magenta and green grids
+  for about 1,000 steps after each 64 px fade of the CPU recipe (ProGAN's fades are far longer than its EMA's).
 - Keras' `zoom_range=[0.95, 1.2]` divides coordinates, so images are scaled by 1/1.2 .. 1/0.95, with one factor
   for both axes (Keras draws two); its `fill_mode='nearest'` is edge-padding before the affine map.
 - Real and fake go through the critic in one pass of 2N images, minibatch stddev computed within each half, so
@@ -162,7 +164,8 @@ def build_parser():
     a("--drift", type=float, default=0.001, help="weight of mean D(real)^2 (ProGAN's drift term)")
     a("--ema", type=float, default=0.999, help="decay of the generator's moving average (0 disables)")
     a("--ema-warmup", action=on_off, default=True,
-      help="decay min(ema, (1+t)/(10+t)) at step t, so early samples are not the random initial weights")
+      help="decay min(ema, (1+t)/(10+t)) at step t of the run (of the stage under --grow), so early samples "
+           "are not the random initial weights")
     a("--augment", action=on_off, default=True, help="all augmentation on/off")
     a("--rotation", type=float, default=25.0, help="max rotation in degrees")
     a("--shift-x", type=float, default=0.05, help="max horizontal shift, fraction of width")
@@ -365,16 +368,21 @@ def parse_grow(text, image_size):
     return tuple(stages)
 
 
-def growth(args, done):
-    """(resolution, fade-in weight alpha) of the generator step after `done` steps; (--image-size, 1) without
-    --grow. Alpha goes from 1/fade to 1 over the first --fade steps of each stage after the first."""
+def stage(args, done):
+    """(index, resolution, its steps so far counting this one) of the generator step after `done` steps."""
     begin = 0
     stages = parse_grow(args.grow, args.image_size) if args.grow else ((args.image_size, None),)
     for k, (res, steps) in enumerate(stages):
         if steps is None or done < begin + steps:
-            into = done - begin + 1
-            return res, 1.0 if k == 0 or into >= args.fade else into / args.fade
+            return k, res, done - begin + 1
         begin += steps
+
+
+def growth(args, done):
+    """(resolution, fade-in weight alpha) of the generator step after `done` steps; (--image-size, 1) without
+    --grow. Alpha goes from 1/fade to 1 over the first --fade steps of each stage after the first."""
+    k, res, into = stage(args, done)
+    return res, 1.0 if k == 0 or into >= args.fade else into / args.fade
 
 
 def lr_at(stages, epoch, rng=random):
@@ -866,7 +874,8 @@ def train_step(nets, loader, iteration, lr, args, device):
         nets.stats.update(critic_step(nets.generator, nets.critic, nets.opt_d, real, args, penalize))
     nets.stats.update(generator_step(nets.generator, nets.critic, nets.opt_g, args))
     if nets.ema is not None:
-        decay = min(args.ema, iteration / (iteration + 9)) if args.ema_warmup else args.ema
+        into = stage(args, iteration - 1)[2]  # the warm-up restarts at each doubling: see the docstring
+        decay = min(args.ema, into / (into + 9)) if args.ema_warmup else args.ema
         update_ema(nets.ema, nets.generator, decay)
     return torch.stack([nets.stats[k] for k in LOGGED])
 

@@ -737,6 +737,16 @@ def test_growing_changes_the_resolution_on_schedule_and_keeps_the_shared_layers(
     assert gif.n_frames == 8 and gif.size == (grid[32],) * 2  # the early frames upsampled
 
 
+def test_the_ema_warm_up_restarts_at_each_doubling(tmp_path, folder, monkeypatch):
+    decays, update = [], w.update_ema
+    monkeypatch.setattr(w, "update_ema", lambda ema, gen, decay: (decays.append(decay), update(ema, gen, decay)))
+    run(tmp_path, folder, "--iters", "8", *GROWN, "--sample-every", "0")
+    assert decays == pytest.approx([t / (t + 9) for t in (1, 2, 3, 1, 2, 3, 1, 2)])
+    decays.clear()
+    run(tmp_path, folder, "--iters", "4", "--sample-every", "0", name="plain")  # without --grow: the run's step
+    assert decays == pytest.approx([t / (t + 9) for t in (1, 2, 3, 4)])
+
+
 def test_resume_inside_a_fade_is_bit_exact(tmp_path, folder):
     common = [*GROWN, "--fade", "3", "--sample-every", "0"]
     straight = run(tmp_path, folder, "--iters", "8", *common, name="straight")
