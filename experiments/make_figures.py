@@ -147,7 +147,7 @@ def main():
                    labels=labels, ext="webp")
         fish_figures(args.fish64_2h_ttq, "fish64_2h", 1)
     if args.fish64_2h_vs_ttq:
-        labels = {"script": "grown (before T: upsampled)", "vs": "from scratch at 64 px"}
+        labels = {"script": "grown 16 -> 32 -> 64 (64 px at both points)", "vs": "from scratch at 64 px"}
         ttq_images(args.fish64_2h_vs_ttq, "fish64_2h_vs", "fish 64x64, 2 h, seed 2: grown vs from scratch", 1, "vs",
                    labels, "webp")
     if args.seed001:
