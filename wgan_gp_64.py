@@ -27,9 +27,8 @@ Where this departs from the paper or the seed notebook:
   resolution exactly as a plain run of that size, so that a finished run can grow on (seed 000's way).
 - The EMA decay warms up as min(0.999, (1 + t) / (10 + t)) (TensorFlow's rule): a constant 0.999 is still 37%
   the random initial weights after 1,000 steps, so early samples and FIDs would show noise. `--no-ema-warmup`
-  gives the constant decay. Under `--grow`, t restarts at each doubling: the new layers learn within a fade of
-  500 steps, shorter than 0.999's horizon of 1,000, and the EMA that lagged them drew magenta and green grids
-  for about 1,000 steps after each 64 px fade of the CPU recipe (ProGAN's fades are far longer than its EMA's).
+  gives the constant decay. Under `--grow`, t restarts at each doubling: a 500-step fade is shorter than 0.999's
+  horizon, and the lagging EMA drew magenta grids for ~1,000 steps after it (ProGAN's fades are far longer).
 - Keras' `zoom_range=[0.95, 1.2]` divides coordinates, so images are scaled by 1/1.2 .. 1/0.95, with one factor
   for both axes (Keras draws two); its `fill_mode='nearest'` is edge-padding before the affine map.
 - Real and fake go through the critic in one pass of 2N images, minibatch stddev computed within each half, so
@@ -874,7 +873,7 @@ def train_step(nets, loader, iteration, lr, args, device):
         nets.stats.update(critic_step(nets.generator, nets.critic, nets.opt_d, real, args, penalize))
     nets.stats.update(generator_step(nets.generator, nets.critic, nets.opt_g, args))
     if nets.ema is not None:
-        into = stage(args, iteration - 1)[2]  # the warm-up restarts at each doubling: see the docstring
+        into = stage(args, iteration - 1)[2]  # restarts at each doubling: see the docstring
         decay = min(args.ema, into / (into + 9)) if args.ema_warmup else args.ema
         update_ema(nets.ema, nets.generator, decay)
     return torch.stack([nets.stats[k] for k in LOGGED])
