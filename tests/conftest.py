@@ -4,6 +4,8 @@ Real data is looked up in $WGAN_SHARED (default: ../shared beside the checkout).
 are skipped when it is absent; tests that can make their own tiny data do so.
 """
 import os
+import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,26 @@ def fid_weights():
     if not FID_WEIGHTS.exists():
         pytest.skip(f"Inception weights not found at {FID_WEIGHTS}")
     return FID_WEIGHTS
+
+
+def signal_once_started(proc, sig, last=signal.SIGHUP, timeout=60.0):
+    """Send sig to a script's subprocess once the script has set its start-up handlers (/proc shows `last`, the
+    one it sets last, caught), so the signal lands in its imports. A fixed sleep did not: on a fresh machine the
+    interpreter had not reached the script a second in, and a signal there kills it before any script runs.
+    Without /proc (not Linux), a second's sleep."""
+    import time
+    status, deadline = Path(f"/proc/{proc.pid}/status"), time.monotonic() + timeout
+    if not status.exists():
+        time.sleep(1.0)
+    while status.exists() and proc.poll() is None and time.monotonic() < deadline:
+        try:
+            caught = re.search(r"^SigCgt:\s*([0-9a-f]+)", status.read_text(), re.M)
+        except OSError:  # it ended meanwhile
+            break
+        if caught and int(caught.group(1), 16) >> (last - 1) & 1:
+            break
+        time.sleep(0.005)
+    proc.send_signal(sig)
 
 
 def check_max_time(module, argv, run_dir, step_key, capsys, monkeypatch, budget=2.0, step_s=0.3):

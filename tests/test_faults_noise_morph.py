@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import noise_morph as nm
+from conftest import signal_once_started
 
 TINY = ["--width", "8", "--morph-width", "8", "--batch-size", "16", "--eval-samples", "50", "--critic-its", "1",
         "--morph-its", "1", "--device", "cpu"]
@@ -221,9 +222,8 @@ def test_a_signal_while_torch_loads_is_one_line(tmp_path):
     """Subprocesses (the import is the moment): all three at once, so the test costs one start."""
     procs = {sig: subprocess.Popen([sys.executable, str(ROOT / "noise_morph.py"), "--out", str(tmp_path)],
                                    stderr=subprocess.PIPE, text=True, cwd=tmp_path) for sig in SIGS}
-    time.sleep(0.6)
     for sig, p in procs.items():
-        p.send_signal(sig)
+        signal_once_started(p, sig)
     for sig, p in procs.items():
         err = p.communicate(timeout=60)[1]
         assert p.returncode == code_of(sig) and len(err.strip().splitlines()) == 1, (sig, p.returncode, err)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import wgan_mnist as wm
+from conftest import signal_once_started
 from test_wgan_mnist import assert_one_line_error, read_metrics, tiny_argv, tiny_root, write_idx  # noqa: F401
 
 SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 143)]
@@ -232,11 +233,10 @@ def test_a_signal_at_any_moment_is_one_line_and_its_code(tiny_root, tmp_path, mo
 
 @pytest.mark.parametrize("sig, code", SIGNALS, ids=lambda v: getattr(v, "name", v))
 def test_a_signal_while_torch_loads_is_one_line(tmp_path, sig, code):
-    """The moment no in-process test reaches: the imports (a subprocess, signalled a second into them)."""
+    """The moment no in-process test reaches: the imports (a subprocess, signalled once its handlers are set)."""
     proc = subprocess.Popen([sys.executable, "wgan_mnist.py", "--help"], cwd=Path(wm.__file__).parent,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
-    proc.send_signal(sig)
+    signal_once_started(proc, sig)
     err = proc.communicate(timeout=60)[1]
     if proc.returncode == 0:
         pytest.skip("the imports finished within a second")
