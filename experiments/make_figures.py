@@ -7,6 +7,8 @@
         --fish64-ttq .benchmarks/ttq/<time>    # 64 px, 1 h: grown vs from scratch (WGAN_TTQ_VS, docs/wgan_gp_64.md)
         --fish64-2h-ttq .benchmarks/ttq/<time> # 64 px, 2 h: grown vs the DCGAN baseline (docs/wgan_gp_64.md)
         --fish64-2h-vs-ttq .benchmarks/ttq/<time>  # 64 px, 2 h, seed 2: grown vs from scratch (WGAN_TTQ_VS)
+        --mnist-2h runs/gallery/mnist2h        # the README's 2 h MNIST run, then experiments/score_run.py on it
+        --fish32-2h runs/gallery/fish32_2h     # the README's 2 h fish 32 px run, then experiments/score_run.py
         --seed001 runs/docs                    # bash experiments/docs_runs.sh (seed001_* runs)
         --morph runs/docs/morph_8gaussians     # the same script's noise_morph run
 
@@ -70,8 +72,7 @@ def ttq_images(ttq, prefix, title, scale, other="baseline", labels=None, ext="pn
         save_png(Image.open(ttq / f"{arm}_grid.png").convert("RGB"), f"{prefix}_{arm}_grid.{ext}", scale)
 
 
-def fish_figures(ttq, prefix, scale):
-    run = ttq / "script"
+def fish_figures(run, prefix, scale):
     frames = sorted((run / "samples").glob("iter_*.png"))
     picked = [frames[round(i * (len(frames) - 1) / 5)] for i in range(6)] if len(frames) >= 6 else frames
     size = Image.open(frames[-1]).size  # a grown run's early grids are smaller: upsampled (nearest) to the last's
@@ -125,6 +126,8 @@ def main():
     p.add_argument("--fish64-ttq", type=Path)
     p.add_argument("--fish64-2h-ttq", type=Path)
     p.add_argument("--fish64-2h-vs-ttq", type=Path)
+    p.add_argument("--mnist-2h", type=Path)
+    p.add_argument("--fish32-2h", type=Path)
     p.add_argument("--seed001", type=Path)
     p.add_argument("--morph", type=Path)
     args = p.parse_args()
@@ -135,21 +138,26 @@ def main():
         ttq_images(args.mnist_clip_ttq, "mnist_clip", "MNIST: wgan_mnist.py (weight clipping) vs MLP WGAN-GP", 2)
     if args.fish_ttq:
         ttq_images(args.fish_ttq, "fish32", "fish 32x32: CPU recipe vs DCGAN WGAN-GP", 2)
-        fish_figures(args.fish_ttq, "fish32", 2)
+        fish_figures(args.fish_ttq / "script", "fish32", 2)
     if args.fish64_ttq:
         labels = {"script": "grown: --grow 16:4500,32:6500,64 --fade 500 (before T: upsampled)",
                   "vs": "from scratch at 64 px"}
         ttq_images(args.fish64_ttq, "fish64", "fish 64x64: CPU recipe grown vs from scratch", 1, "vs", labels, "webp")
-        fish_figures(args.fish64_ttq, "fish64", 1)
+        fish_figures(args.fish64_ttq / "script", "fish64", 1)
     if args.fish64_2h_ttq:
         labels = {"script": "grown: the CPU recipe (before T: upsampled)", "baseline": "DCGAN WGAN-GP at 64 px"}
         ttq_images(args.fish64_2h_ttq, "fish64_2h", "fish 64x64, 2 h: CPU recipe grown vs DCGAN WGAN-GP", 1,
                    labels=labels, ext="webp")
-        fish_figures(args.fish64_2h_ttq, "fish64_2h", 1)
+        fish_figures(args.fish64_2h_ttq / "script", "fish64_2h", 1)
     if args.fish64_2h_vs_ttq:
         labels = {"script": "grown 16 -> 32 -> 64 (64 px at both points)", "vs": "from scratch at 64 px"}
         ttq_images(args.fish64_2h_vs_ttq, "fish64_2h_vs", "fish 64x64, 2 h, seed 2: grown vs from scratch", 1, "vs",
                    labels, "webp")
+    if args.mnist_2h:
+        save_png(Image.open(args.mnist_2h / "score_grid.png").convert("RGB"), "mnist_2h_grid.png", 2)
+    if args.fish32_2h:
+        save_png(Image.open(args.fish32_2h / "score_grid.png").convert("RGB"), "fish32_2h_grid.png", 2)
+        fish_figures(args.fish32_2h, "fish32_2h", 2)
     if args.seed001:
         seed001(args.seed001)
     if args.morph:
