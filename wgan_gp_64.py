@@ -16,31 +16,18 @@ Usage:
     python wgan_gp_64.py --resume runs/<run> --sample 10000      # write 10,000 PNGs for any FID tool
     torchrun --nproc_per_node 8 wgan_gp_64.py --data fish/       # data parallel, --batch-size per process
 
-Where this departs from the paper or the seed notebook:
-- The notebook's penalty alpha was N(0, 1) (a bug from an online example): here U(0, 1), one per sample. Its
-  drift was 0.0005 * sum over the batch: here ProGAN's 0.001 * mean D(real)^2. Its critic dropout was 0.4:
-  here 0.5, as its README says. It reused one real batch for its 4 critic steps: here each critic step draws a
-  fresh batch, 5 by default (`--critic-its 4` = seed).
-- The latent vector is pixel-normalised before the first layer, as in ProGAN.
-- `--grow`: ProGAN's growing with one 5x5 conv per new resolution (ProGAN adds two 3x3), the stage lengths in
-  generator steps (ProGAN counts images) so a resume lands in the same place of a fade, and the nets of the first
-  resolution exactly as a plain run of that size, so that a finished run can grow on (seed 000's way).
-- The EMA decay warms up as min(0.999, (1 + t) / (10 + t)) (TensorFlow's rule): a constant 0.999 is still 37%
-  the random initial weights after 1,000 steps, so early samples and FIDs would show noise. `--no-ema-warmup`
-  gives the constant decay. Under `--grow`, t restarts at each doubling: a 500-step fade is shorter than 0.999's
-  horizon, and the lagging EMA drew magenta grids for ~1,000 steps after it (ProGAN's fades are far longer).
-- Keras' `zoom_range=[0.95, 1.2]` divides coordinates, so images are scaled by 1/1.2 .. 1/0.95, with one factor
-  for both axes (Keras draws two); its `fill_mode='nearest'` is edge-padding before the affine map.
-- Real and fake go through the critic in one pass of 2N images, minibatch stddev computed within each half, so
-  the result equals two separate passes.
+Where this departs from the paper or the seed notebook (why: docs/wgan_gp_64.md, implementation details):
+- The seed's penalty alpha N(0, 1) is U(0, 1) per sample; its drift 0.0005 * sum is ProGAN's 0.001 * mean D(real)^2;
+  its dropout 0.4 is 0.5 (its README's); each critic step draws a fresh batch (the seed reused one for all 4).
+- The latent vector is pixel-normalised before the first layer (ProGAN).
+- `--grow`: one 5x5 conv per new resolution (ProGAN: two 3x3), stage lengths in generator steps, not images.
+- EMA decay min(0.999, (1 + t) / (10 + t)) (TensorFlow's warm-up; t restarts at each doubling under --grow).
+- Keras' zoom_range is matched (scale 1/1.2 .. 1/0.95), with one factor for both axes.
+- Real and fake go through the critic in one pass of 2N images, minibatch stddev within each half.
 - A schedule "epoch" is one pass of the critic over the data; the lr is set once per generator step.
-- Under torchrun the gradients are all-reduced by hand after backward (as StyleGAN2-ADA does), not through
-  DistributedDataParallel, whose hooks and the penalty's double backward do not mix reliably; a plain all-reduce
-  is exact and simple. Minibatch-stddev statistics are per process; rank 0 alone writes logs, samples and
-  checkpoints.
-- The file is longer than SPEC's 300-700 lines: torchrun, exact resume on every rank, --max-time and signals,
-  config files through argparse, cached and truncation-safe decoding, in-run FID and the end-of-run figures each
-  take their lines once.
+- Under torchrun the gradients are all-reduced by hand (DDP does not take the penalty's double backward).
+- Longer than SPEC's 300-700 lines: torchrun, exact resume, --max-time and signals, config files, safe decoding,
+  in-run FID and the end-of-run figures.
 """
 import argparse
 import contextlib
