@@ -130,45 +130,38 @@ def build_parser():
     a("--g-channels", type=int, default=128, help="generator width")
     a("--d-channels", type=int, default=128, help="critic width (doubled from the 4x4 stage on)")
     a("--critic-dropout", type=float, default=0.5, help="dropout after every critic layer")
-    a("--mbstd-group", type=int, default=4,
-      help="minibatch-stddev group size (min(group, batch) is used; 1 = a constant channel, i.e. off)")
+    a("--mbstd-group", type=int, default=4, help="minibatch-stddev group size (min(group, batch); 1: off)")
     a("--equalized-lr", action="store_true", help="N(0,1) weights scaled at run time by sqrt(2/fan_in)")
     a("--grow", help="progressive growing: resolutions, each but the last with its length in generator steps, "
       "the last = --image-size until the end (e.g. 16:2000,32:6000,64; none: --image-size from the start)")
     a("--fade", type=int, default=1000, help="with --grow: generator steps over which each new resolution fades in")
     a("--iters", type=int, default=100_000, help="generator steps")
-    a("--max-time", type=duration, help="wall-clock budget (seconds, or 90s, 30m, 2h; none: no limit): training "
-      "ends after the step that crosses it")
+    a("--max-time", type=duration, help="wall-clock budget, ends the step that crosses it (90s, 30m, 2h; none: off)")
     a("--batch-size", type=int, default=32, help="images per critic step (per process under torchrun)")
     a("--critic-its", type=int, default=5, help="critic steps per generator step, each on a fresh batch")
     a("--lr", type=float, default=1e-4, help="learning rate of both networks when no schedule is given")
     a("--lr-schedule", help=f"'epochs:lr,...' with rand(a,b) stages; 'seed' = {SEED_SCHEDULE}")
     a("--betas", type=float, nargs=2, default=(0.0, 0.99), help="Adam betas")
     a("--gp-lambda", type=float, default=10.0, help="gradient penalty weight")
-    a("--gp-every", type=int, default=1,
-      help="lazy penalty: only every K-th critic step pays the penalty, weighted lambda * K")
+    a("--gp-every", type=int, default=1, help="lazy penalty: only every K-th critic step pays it, weighted lambda * K")
     a("--drift", type=float, default=0.001, help="weight of mean D(real)^2 (ProGAN's drift term)")
     a("--ema", type=float, default=0.999, help="decay of the generator's moving average (0 disables)")
-    a("--ema-warmup", action=on_off, default=True,
-      help="decay min(ema, (1+t)/(10+t)) at step t of the run (of the stage under --grow), so early samples "
-           "are not the random initial weights")
+    a("--ema-warmup", action=on_off, default=True, help="decay min(ema, (1+t)/(10+t)) at step t of the run (of the "
+      "stage under --grow), so that early samples are not the initial weights")
     a("--augment", action=on_off, default=True, help="all augmentation on/off")
     a("--rotation", type=float, default=25.0, help="max rotation in degrees")
     a("--shift-x", type=float, default=0.05, help="max horizontal shift, fraction of width")
     a("--shift-y", type=float, default=0.1, help="max vertical shift, fraction of height")
     a("--shear", type=float, default=10.0, help="max shear in degrees")
-    a("--zoom", type=float, nargs=2, default=(0.95, 1.2),
-      help="Keras zoom range, one factor for both axes (1 1 disables)")
+    a("--zoom", type=float, nargs=2, default=(0.95, 1.2), help="Keras zoom range, one factor for both axes (1 1: off)")
     a("--brightness", type=float, nargs=2, default=(0.8, 1.4), help="brightness factor range (1 1 disables)")
     a("--hflip", action=on_off, default=True, help="random horizontal flips")
     a("--color-gain", type=float, default=0.4, help="per-channel gain ~ triangular(1-g, 1+g, mode 1)")
     a("--seed", type=int, default=1, help="random seed")
     a("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
     a("--torch-deterministic", action="store_true", help="deterministic algorithms (exact resume)")
-    a("--amp", action="store_true",
-      help="bf16 autocast (the penalty's pass stays float32 on a CPU). On a CPU it pays only with bf16 units: "
-      "python -c 'import torch; print(torch.ops.mkldnn._is_mkldnn_bf16_supported())' says True there "
-      "(the 32 px recipe: 1.55x the steps, FID 105 vs 114 at 600 s, bench/RESULTS.md)")
+    a("--amp", action="store_true", help="bf16 autocast (the penalty stays float32 on a CPU); on a CPU it pays only "
+      "where torch.ops.mkldnn._is_mkldnn_bf16_supported() is True (1.5-1.8x the steps: bench/RESULTS.md)")
     a("--out", default="runs", help="parent folder of run folders")
     a("--run-name", help="run folder name (default: <script>__<dataset>__<seed>__<unix time>)")
     a("--resume", help="checkpoint file or run folder to continue from")
@@ -176,8 +169,7 @@ def build_parser():
     a("--ckpt-every", type=int, default=1000, help="write ckpt/last.pt every N generator steps (0: end only)")
     a("--log-every", type=int, default=50, help="log metrics every N generator steps")
     a("--num-workers", type=int, default=-1, help="DataLoader workers (-1: min(8, cores - 1))")
-    a("--cache-images", action=on_off, default=True,
-      help="decode and fit every image once at start and keep it in memory (uint8; up to 2 GiB)")
+    a("--cache-images", action=on_off, default=True, help="decode every image once, keep it in memory (up to 2 GiB)")
     a("--fid-every", type=int, default=0, help="FID/KID of the EMA generator every N steps (0: off)")
     a("--fid-samples", type=int, default=5000, help="images per side for FID/KID")
     a("--fid-weights", help="Inception weights for torch-fidelity (needed offline; none: download)")
@@ -230,17 +222,15 @@ def as_flags(values, source, parser):
     for key, value in values.items():
         action = actions[str(key).replace("-", "_")]
         flag, switch = action.option_strings[0], isinstance(action, argparse.BooleanOptionalAction)
+        boolean = switch or isinstance(action, argparse._StoreTrueAction)
         if action.dest in NOT_FROM_FILES or value is None:
             continue
-        if (switch or isinstance(action, argparse._StoreTrueAction)) and not isinstance(value, bool):
+        if boolean and not isinstance(value, bool):
             fail(f"{source}: {flag} takes true or false, got {value!r}")
-        if switch:
-            tokens.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(action, argparse._StoreTrueAction):
-            tokens += [flag] if value else []
+        if boolean:
+            tokens += [flag if value else "--no-" + flag[2:]] if switch else [flag] * value
         else:
-            many = action.nargs and isinstance(value, (list, tuple))
-            tokens += [flag, *map(str, value if many else [value])]
+            tokens += [flag, *map(str, value if action.nargs and isinstance(value, (list, tuple)) else [value])]
     return tokens
 
 
@@ -265,31 +255,21 @@ def read_config(path):
 
 
 def check_args(args):
-    bad = [
-        (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
-        (args.critic_its < 1, f"--critic-its must be at least 1, got {args.critic_its}"),
-        (args.gp_every < 1,
-         f"--gp-every must be at least 1 (1: the penalty at every critic step), got {args.gp_every}"),
-        (args.iters < 0, "--iters must be 0 or more"),
-        (args.fade < 0, "--fade must be 0 or more (0: each new resolution at once)"),
-        (args.lr <= 0, "--lr must be positive"),
-        (not 0 <= args.ema < 1, "--ema must be in [0, 1)"),
-        (not 0 <= args.critic_dropout < 1, "--critic-dropout must be in [0, 1)"),
-        (min(args.gp_lambda, args.drift) < 0, "--gp-lambda and --drift must be 0 or more"),
-        (min(args.latent_dim, args.g_channels, args.d_channels, args.mbstd_group) < 1,
-         "--latent-dim, --g-channels, --d-channels and --mbstd-group must be at least 1"),
-        (args.log_every < 1 or min(args.sample_every, args.ckpt_every, args.fid_every) < 0,
-         "--log-every must be at least 1; --sample-every, --ckpt-every, --fid-every 0 or more"),
-        (args.fid_samples < 2, "--fid-samples must be at least 2"),
-        (min(args.rotation, args.shear) < 0 or not (0 <= args.shift_x < 1 and 0 <= args.shift_y < 1),
-         "--rotation and --shear must be 0 or more, --shift-x and --shift-y in [0, 1)"),
-        (not 0 < args.zoom[0] <= args.zoom[1], "--zoom needs 0 < low <= high"),
-        (not 0 <= args.brightness[0] <= args.brightness[1], "--brightness needs 0 <= low <= high"),
-        (not 0 <= args.color_gain < 1, "--color-gain must be in [0, 1)"),
-        (args.sample < 0, "--sample must be 0 or more"),
-        (not 0 <= args.seed < 2 ** 32, f"--seed must be in [0, 2^32), got {args.seed}"),
-    ]
-    for is_bad, message in bad:
+    for low, names in ((1, "batch_size critic_its gp_every latent_dim g_channels d_channels mbstd_group log_every"),
+                       (0, "iters fade gp_lambda drift rotation shear sample_every ckpt_every fid_every sample"),
+                       (2, "fid_samples")):
+        for name in names.split():
+            if not getattr(args, name) >= low:  # not `<`: NaN is caught too
+                fail(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    for name in ("ema", "critic_dropout", "shift_x", "shift_y", "color_gain"):
+        if not 0 <= getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    for is_bad, message in [
+            (not args.lr > 0, f"--lr must be positive, got {args.lr}"),
+            (not all(0 <= b < 1 for b in args.betas), f"--betas must each be in [0, 1), got {args.betas}"),
+            (not 0 < args.zoom[0] <= args.zoom[1], "--zoom needs 0 < low <= high"),
+            (not 0 <= args.brightness[0] <= args.brightness[1], "--brightness needs 0 <= low <= high"),
+            (not 0 <= args.seed < 2 ** 32, f"--seed must be in [0, 2^32), got {args.seed}")]:
         if is_bad:
             fail(message)
     group = min(args.mbstd_group, args.batch_size)
@@ -356,8 +336,7 @@ def parse_grow(text, image_size):
 
 def stage(args, done):
     """(index, resolution, its steps so far counting this one) of the generator step after `done` steps."""
-    begin = 0
-    stages = parse_grow(args.grow, args.image_size) if args.grow else ((args.image_size, None),)
+    begin, stages = 0, parse_grow(args.grow, args.image_size) if args.grow else ((args.image_size, None),)
     for k, (res, steps) in enumerate(stages):
         if steps is None or done < begin + steps:
             return k, res, done - begin + 1
@@ -433,8 +412,7 @@ def fit_square(im, size, mode):
     w, h = im.size
     scale = size / (min(w, h) if mode == "crop" else max(w, h))
     im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC, reducing_gap=3.0)
-    arr = np.asarray(im)
-    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    arr = np.asarray(im).reshape(im.height, im.width, -1)  # [H, W, C], grayscale too
     h, w = arr.shape[:2]
     if mode == "crop":
         top, left = (h - size) // 2, (w - size) // 2
@@ -445,16 +423,11 @@ def fit_square(im, size, mode):
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # uint8 [C, size, size]
 
 
-class ChannelGain:
-    """Multiply each channel by triangular(1 - g, 1 + g, mode 1), drawn from torch's RNG, then clip to [0, 1]."""
-
-    def __init__(self, spread):
-        self.spread = spread
-
-    def __call__(self, x):
-        u = torch.rand(x.shape[0], 1, 1)
-        gain = torch.where(u < 0.5, (2 * u).sqrt() - 1, 1 - (2 - 2 * u).sqrt())  # symmetric triangle on [-1, 1]
-        return (x * (1 + self.spread * gain)).clamp(0, 1)
+def channel_gain(x, spread):
+    """Each channel times triangular(1 - spread, 1 + spread, mode 1), drawn from torch's RNG, clipped to [0, 1]."""
+    u = torch.rand(x.shape[0], 1, 1)
+    gain = torch.where(u < 0.5, (2 * u).sqrt() - 1, 1 - (2 - 2 * u).sqrt())  # symmetric triangle on [-1, 1]
+    return (x * (1 + spread * gain)).clamp(0, 1)
 
 
 def build_augment(args):
@@ -472,7 +445,7 @@ def build_augment(args):
     if args.hflip:
         steps.append(v2.RandomHorizontalFlip())
     if args.color_gain:
-        steps.append(ChannelGain(args.color_gain))
+        steps.append(functools.partial(channel_gain, spread=args.color_gain))
     return v2.Compose(steps) if args.augment and steps else None
 
 
@@ -482,14 +455,10 @@ class RunFailed(RuntimeError):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Images fitted to a square, augmented with a per-sample seed, in [-1, 1].
-
-    An item is (index, seed): the augmentation is a pure function of both, so the stream of batches does
-    not depend on the number of workers and a resumed run sees exactly the batches a straight run would.
-    With `cache`, every image is decoded and fitted once, here, and kept as uint8 (decoding and fitting a fish
-    photo measured 0.5 ms of the 2.3 ms an augmented 32x32 image costs); files that do not decode are counted,
-    in one line, and left out. Without it, a file that fails later is replaced by the next one that decodes.
-    """
+    """Images fitted to a square, augmented with a per-sample seed, in [-1, 1]. An item is (index, seed): the
+    augmentation is a function of both, so the batches do not depend on the workers and a resume sees a straight
+    run's. With `cache`, each image is decoded and fitted once and kept as uint8; files that do not decode are
+    counted in one line and left out. Without it, a file that fails later is replaced by the next that decodes."""
 
     def __init__(self, files, args, augment=True, cache=False):
         self.files, self.args, self.images = list(files), args, None
@@ -648,8 +617,7 @@ def minibatch_stddev(x, group_size=4, groups=1):
     if per * groups != n or per % g:
         raise ValueError(f"minibatch stddev: a batch of {per} is not a multiple of the group size {g}")
     y = x.float().reshape(groups, g, per // g, c, h, w)  # [parts, g, M, C, H, W]: member k of group m at k*M + m
-    std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt()  # [parts, M, C, H, W]
-    std = std.mean(dim=(2, 3, 4))  # [parts, M]: one number per group
+    std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(2, 3, 4))  # [parts, M]: one number per group
     std = std.to(x.dtype).view(groups, 1, per // g, 1, 1, 1).expand(groups, g, per // g, 1, h, w)
     return torch.cat([x, std.reshape(n, 1, h, w)], dim=1)  # [N, C + 1, H, W]
 
@@ -775,10 +743,8 @@ def sync_gradients(module):
 
 def critic_step(generator, critic, opt_critic, real, args, penalize=True):
     """One critic update: -(D(real) - D(fake)) + lambda * K * GP + drift * D(real)^2, the penalty only when
-    `penalize` (every K = --gp-every-th step; its average weight stays lambda).
-
-    Real and fake share one pass (minibatch stddev per half); the interpolates get their own, so that the
-    penalty's double backward runs over N images, not 3N (a single 3N pass measured 1.2-2.1x slower on CPU)."""
+    `penalize` (every K = --gp-every-th step). Real and fake share one pass (minibatch stddev per half); the
+    interpolates get their own, so that the double backward runs over N images, not 3N (1.2-2.1x faster on CPU)."""
     n = real.shape[0]
     z = torch.randn(n, args.latent_dim, device=real.device)
     with torch.no_grad(), autocast(real.device, args.amp):
@@ -932,9 +898,7 @@ def write_interpolation(generator, args, path, device):
 def write_nearest_neighbours(generator, data, args, path, device, count=256):
     """Histogram of RMS pixel distances to the nearest neighbour: real-real, fake-fake and fake-to-real.
     Fake-to-real far below real-real means the generator copies training images."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend, no global state
     count = min(count, len(data))
     real = shrink(torch.stack([data.uint8(i) for i in np.linspace(0, len(data) - 1, count).astype(int)]),
                   generator.res)
@@ -951,7 +915,8 @@ def write_nearest_neighbours(generator, data, args, path, device, count=256):
     distances = {"real-real": nearest(real, real, True), "fake-fake": nearest(fake, fake, True),
                  "fake-real": nearest(fake, real, False)}
     bins = np.linspace(min(map(np.min, distances.values())), max(map(np.max, distances.values())), 41)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for name, d in distances.items():
         ax.hist(d, bins=bins, alpha=0.5, label=f"{name} (median {np.median(d):.3f})")
     ax.set(xlabel="RMS pixel distance to nearest neighbour ([-1, 1] scale)", ylabel="images",
@@ -960,7 +925,6 @@ def write_nearest_neighbours(generator, data, args, path, device, count=256):
     fig.tight_layout()
     with atomic(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
 
 
 def write_gif(sample_dir, path):
@@ -994,8 +958,7 @@ def load_inception(args, device):
                                               feature_extractor_weights_path=args.fid_weights)
     except Exception as e:
         fail(f"--fid-weights {args.fid_weights}: not torch-fidelity's Inception weights ({type(e).__name__})")
-    cpu = device.type == "cpu"
-    return net.eval().to(device, memory_format=torch.channels_last if cpu else torch.preserve_format)
+    return net.eval().to(device, memory_format=torch.channels_last if device.type == "cpu" else torch.preserve_format)
 
 
 @torch.no_grad()
@@ -1037,21 +1000,10 @@ def compute_fid(inception, generator, data, args, device):
     return {"fid": fid["frechet_inception_distance"], "kid": kid["kernel_inception_distance_mean"], "fid_n": n}
 
 
-def write_figures(generator, data, args, run_dir, device):
-    """The end of a run: the progress GIF, the interpolation walk, the nearest-neighbour histogram."""
-    write_gif(run_dir / "samples", run_dir / "progress.gif")
-    write_interpolation(generator, args, run_dir / "interpolation.png", device)
-    try:
-        write_nearest_neighbours(generator, data, args, run_dir / "nearest_neighbours.png", device)
-    except ImportError:
-        say(f"{SCRIPT}: matplotlib is not installed; skipped nearest_neighbours.png")
-
-
 def sample_mode(args, device, ckpt, signals):
     """--sample N: N PNGs from a checkpoint's EMA generator (or its generator), for any FID tool."""
-    generator = Generator(args).to(device)
+    generator = Generator(args).to(device).eval()
     generator.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["generator"])
-    generator.eval()
     generator.res, generator.alpha = growth(args, max(0, ckpt["iteration"] - 1))
     out = Path(args.sample_out) if args.sample_out else Path(args.resume).parent.parent / "generated"
     try:
@@ -1149,10 +1101,9 @@ def load_checkpoint(path):
 
 
 def restore(ckpt, nets, args, rank, world, device):
-    """Nets, optimizers (with the command line's --lr in force, fused Adam on CUDA whatever device wrote them),
-    the EMA (started from the generator when the checkpoint has none) and this rank's RNG. Returns (iteration,
-    images seen). A run grown further (--grow from its size) keeps its layers and their Adam moments; the new
-    layers, registered after them, start as initialised."""
+    """Nets, optimizers (the command line's --lr, fused Adam on CUDA whatever wrote them), the EMA (the generator
+    when the checkpoint has none) and this rank's RNG; (iteration, images seen). A run grown further keeps its
+    layers and their Adam moments; the new layers, registered after them, start as initialised."""
     same = ckpt["args"].get("grow") == args.grow
     nets.generator.load_state_dict(ckpt["generator"], strict=same)
     nets.critic.load_state_dict(ckpt["critic"], strict=same)
@@ -1185,18 +1136,15 @@ def open_run_folder(args, lead, held):
         if lead and (run_dir / "args.json").exists():
             fail(f"--run-name: {run_dir} already holds a run; pass --resume {run_dir} to continue it, or another "
                  "--run-name")
-        try:
-            if lead:
-                (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            fail(f"--out: cannot create the run folder {run_dir} ({e.strerror or type(e).__name__})")
     if lead:
         try:
+            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
             fcntl.flock(held.enter_context(open(run_dir / ".lock", "a")), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fail(f"{run_dir} is in use by another process")
         except OSError as e:
-            fail(f"{run_dir}: cannot write to the run folder ({e.strerror or type(e).__name__})")
+            fail(f"{'--resume' if args.resume else '--out'}: cannot create or write to the run folder {run_dir} "
+                 f"({e.strerror or type(e).__name__})")
     return run_dir
 
 
@@ -1204,9 +1152,8 @@ class RunLog:
     """One record, three places: metrics.jsonl, TensorBoard and the progress bar (rank 0 only)."""
 
     def __init__(self, run_dir, args, start, lead):
-        self.path, self.writer, self.bar = run_dir / "metrics.jsonl", None, None
+        self.path, self.writer, self.bar = run_dir / "metrics.jsonl" if lead else None, None, None
         if not lead:
-            self.path = None
             return
         if start and self.path.exists():  # rows past the checkpoint (a kill before it) are trained again
             rows = [line for line in self.path.read_text().splitlines()  # a line cut by a kill does not end in }
@@ -1241,17 +1188,15 @@ class RunLog:
                                  img_s=f"{record['images_per_s']:.0f}")
 
     def close(self):
-        for part in (self.bar, self.writer):
-            if part:
-                part.close()
+        for part in filter(None, (self.bar, self.writer)):
+            part.close()
         self.bar = self.writer = None
 
 
 class StopSignals:
-    """SIGINT (Ctrl-C), SIGTERM (what torchrun sends its workers, and schedulers) and SIGHUP (a closed terminal,
-    taken as SIGTERM). While training (`deferring`) the first asks to stop after the current step and a second
-    stops at once; at any other moment (start-up, figures, --sample) the first stops at once. The first signal
-    decides the exit code. Installed only where Python allows handlers (main thread)."""
+    """SIGINT (Ctrl-C), SIGTERM (torchrun, schedulers) and SIGHUP (a closed terminal, taken as SIGTERM). While
+    training (`deferring`) the first asks to stop after the step and a second stops at once; at any other moment the
+    first stops at once. The first decides the exit code. Installed where Python allows (the main thread)."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     class Stop(BaseException):
@@ -1410,7 +1355,12 @@ def train(argv, signals, held):
               f"{ckpt_path}; continue with --resume {run_dir}", file=sys.stderr)
     elif lead:
         signals.doing = "the end-of-run figures"
-        write_figures(shown, data, args, run_dir, device)
+        write_gif(run_dir / "samples", run_dir / "progress.gif")
+        write_interpolation(shown, args, run_dir / "interpolation.png", device)
+        try:
+            write_nearest_neighbours(shown, data, args, run_dir / "nearest_neighbours.png", device)
+        except ImportError:
+            say(f"{SCRIPT}: matplotlib is not installed; skipped nearest_neighbours.png")
         why = f"stopped on time (--max-time {args.max_time:g} s)" if stop == 1 else "done"
         say(f"{why}: {iteration} iterations in {time.time() - t_start:.0f} s; run folder {run_dir}")
     if dist.is_initialized():

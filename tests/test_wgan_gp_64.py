@@ -389,6 +389,20 @@ def test_bad_inputs_get_one_line_and_exit_2(tmp_path, capsys):
         assert expected in expect_exit(capsys, TINY + argv), expected
 
 
+@pytest.mark.parametrize("flag, values", [
+    ("--batch-size", "0"), ("--critic-its", "0"), ("--gp-every", "0"), ("--latent-dim", "0"), ("--g-channels", "0"),
+    ("--d-channels", "0"), ("--mbstd-group", "0"), ("--log-every", "0"), ("--iters", "-1"), ("--fade", "-1"),
+    ("--gp-lambda", "-1"), ("--drift", "-0.5"), ("--rotation", "-1"), ("--shear", "-2"), ("--sample-every", "-1"),
+    ("--ckpt-every", "-1"), ("--fid-every", "-1"), ("--sample", "-1"), ("--ema", "1"), ("--critic-dropout", "-0.1"),
+    ("--shift-x", "1"), ("--shift-y", "-0.1"), ("--color-gain", "1.5"), ("--lr", "0"), ("--fid-samples", "1"),
+    ("--zoom", "1.2 1.0"), ("--zoom", "0 1"), ("--brightness", "1.4 0.8"), ("--seed", "-1"), ("--lr", "nan"),
+    ("--drift", "nan"), ("--ema", "nan"), ("--betas", "0.5 1.0")])
+def test_each_value_out_of_range_is_one_line_naming_its_flag(tmp_path, capsys, flag, values):
+    line = expect_exit(capsys, ["--data", str(tmp_path), flag, *values.split()])
+    assert flag in line and "Traceback" not in line, line
+    assert (flag.endswith(("zoom", "brightness", "lr", "seed")) or values.split()[0] in line), line  # says the value
+
+
 def test_corrupt_images_are_skipped_and_counted(tmp_path, capsys):
     data = make_folder(tmp_path / "mixed", 12)
     (data / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")

@@ -374,6 +374,9 @@ def test_missing_data_names_folder_and_flag(tmp_path, capsys):
 @pytest.mark.parametrize("argv, flag", [
     (["--dataset", "cifar10"], "--dataset"),
     (["--clip-value", "-0.01"], "--clip-value"),
+    (["--clip-value", "nan"], "--clip-value"),  # NaN passed `<= 0` checks: now each is written so that NaN fails
+    (["--lr", "nan"], "--lr"),
+    (["--gp-lambda", "nan"], "--gp-lambda"),
     (["--critic-its", "0"], "--critic-its"),
     (["--batch-size", "0"], "--batch-size"),
     (["--g-width", "0"], "--g-width"),  # 0 once passed the check and then became the default width
