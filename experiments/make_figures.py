@@ -7,6 +7,7 @@
         --fish64-ttq .benchmarks/ttq/<time>    # 64 px, 1 h: grown vs from scratch (WGAN_TTQ_VS, docs/wgan_gp_64.md)
         --fish64-2h-ttq .benchmarks/ttq/<time> # 64 px, 2 h: grown vs the DCGAN baseline (docs/wgan_gp_64.md)
         --fish64-2h-vs-ttq .benchmarks/ttq/<time>  # 64 px, 2 h, seed 2: grown vs from scratch (WGAN_TTQ_VS)
+        --fish64-amp-ttq .benchmarks/ttq/<time>    # 64 px, 2 h, seed 2: grown with --amp vs grown in float32
         --mnist-2h runs/gallery/mnist2h        # the README's 2 h MNIST run, then experiments/score_run.py on it
         --fish32-2h runs/gallery/fish32_2h     # the README's 2 h fish 32 px run, then experiments/score_run.py
         --seed001 runs/docs                    # bash experiments/docs_runs.sh (seed001_* runs)
@@ -126,6 +127,7 @@ def main():
     p.add_argument("--fish64-ttq", type=Path)
     p.add_argument("--fish64-2h-ttq", type=Path)
     p.add_argument("--fish64-2h-vs-ttq", type=Path)
+    p.add_argument("--fish64-amp-ttq", type=Path)
     p.add_argument("--mnist-2h", type=Path)
     p.add_argument("--fish32-2h", type=Path)
     p.add_argument("--seed001", type=Path)
@@ -152,6 +154,10 @@ def main():
     if args.fish64_2h_vs_ttq:
         labels = {"script": "grown 16 -> 32 -> 64 (64 px at both points)", "vs": "from scratch at 64 px"}
         ttq_images(args.fish64_2h_vs_ttq, "fish64_2h_vs", "fish 64x64, 2 h, seed 2: grown vs from scratch", 1, "vs",
+                   labels, "webp")
+    if args.fish64_amp_ttq:
+        labels = {"script": "grown, --amp (bf16)", "vs": "grown, float32"}
+        ttq_images(args.fish64_amp_ttq, "fish64_amp", "fish 64x64, 2 h, seed 2: grown in bf16 vs float32", 1, "vs",
                    labels, "webp")
     if args.mnist_2h:
         save_png(Image.open(args.mnist_2h / "score_grid.png").convert("RGB"), "mnist_2h_grid.png", 2)
