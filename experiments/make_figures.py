@@ -8,6 +8,7 @@
         --fish64-2h-ttq .benchmarks/ttq/<time> # 64 px, 2 h: grown vs the DCGAN baseline (docs/wgan_gp_64.md)
         --fish64-2h-vs-ttq .benchmarks/ttq/<time>  # 64 px, 2 h, seed 2: grown vs from scratch (WGAN_TTQ_VS)
         --fish64-amp-ttq .benchmarks/ttq/<time>    # 64 px, 2 h, seed 2: grown with --amp vs grown in float32
+        --fish64-from32-ttq .benchmarks/ttq/<time> # 64 px, 2 h, seed 2: grown from 32 px vs the recipe's schedule
         --mnist-2h runs/gallery/mnist2h        # the README's 2 h MNIST run, then experiments/score_run.py on it
         --fish32-2h runs/gallery/fish32_2h     # the README's 2 h fish 32 px run, then experiments/score_run.py
         --seed001 runs/docs                    # bash experiments/docs_runs.sh (seed001_* runs)
@@ -128,6 +129,7 @@ def main():
     p.add_argument("--fish64-2h-ttq", type=Path)
     p.add_argument("--fish64-2h-vs-ttq", type=Path)
     p.add_argument("--fish64-amp-ttq", type=Path)
+    p.add_argument("--fish64-from32-ttq", type=Path)
     p.add_argument("--mnist-2h", type=Path)
     p.add_argument("--fish32-2h", type=Path)
     p.add_argument("--seed001", type=Path)
@@ -158,6 +160,11 @@ def main():
     if args.fish64_amp_ttq:
         labels = {"script": "grown, --amp (bf16)", "vs": "grown, float32"}
         ttq_images(args.fish64_amp_ttq, "fish64_amp", "fish 64x64, 2 h, seed 2: grown in bf16 vs float32", 1, "vs",
+                   labels, "webp")
+    if args.fish64_from32_ttq:
+        labels = {"script": "grown 32 -> 64: --grow 32:16000,64",
+                  "vs": "grown 16 -> 32 -> 64: --grow 16:4500,32:6500,64"}
+        ttq_images(args.fish64_from32_ttq, "fish64_from32", "fish 64x64, 2 h, seed 2: two growing schedules", 1, "vs",
                    labels, "webp")
     if args.mnist_2h:
         save_png(Image.open(args.mnist_2h / "score_grid.png").convert("RGB"), "mnist_2h_grid.png", 2)
