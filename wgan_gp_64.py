@@ -70,7 +70,8 @@ CPU_RECIPE = ("--image-size 64 --g-channels 32 --d-channels 32 --batch-size 16 -
 CACHE_BYTES = 2 * 2 ** 30  # --cache-images holds at most this much uint8 image data per process
 AGREE_EVERY = 10  # under torchrun the ranks compare stop requests every this many steps: each compare waits for the GPU
 NOT_FROM_FILES = {"config", "resume", "run_name", "sample", "sample_out"}  # said on the command line only
-NETWORK = ("image_size", "channels", "latent_dim", "g_channels", "d_channels", "equalized_lr", "grow")  # in a ckpt
+NETWORK = ("image_size", "channels", "latent_dim", "g_channels", "d_channels", "equalized_lr", "grow",
+           "slim_above")  # in a checkpoint
 
 # ---------------------------------------------------------------------------------------------- flags
 def fail(message, code=2):
@@ -134,6 +135,8 @@ def build_parser():
     a("--equalized-lr", action="store_true", help="N(0,1) weights scaled at run time by sqrt(2/fan_in)")
     a("--grow", help="progressive growing: resolutions, each but the last with its length in generator steps, "
       "the last = --image-size until the end (e.g. 16:2000,32:6000,64; none: --image-size from the start)")
+    a("--slim-above", type=int, default=0, choices=(0, 8, 16, 32, 64, 128), help="with --grow: each resolution "
+      "above this one gets half the channels of the one below and 3x3 convs (ProGAN's halving; 0: off)")
     a("--fade", type=int, default=1000, help="with --grow: generator steps over which each new resolution fades in")
     a("--iters", type=int, default=100_000, help="generator steps")
     a("--max-time", type=duration, help="wall-clock budget, ends the step that crosses it (90s, 30m, 2h; none: off)")
@@ -199,7 +202,8 @@ def parse_args(argv=None):
     first = parse_grow(args.grow, args.image_size)[0] if args.grow else None
     bigger = first and saved.get("grow") is None and first[0] == saved.get("image_size")  # a run grown further
     for key in NETWORK:  # the weights would not load, or (--equalized-lr) load rescaled
-        if key in saved and getattr(args, key) != saved[key] and not (bigger and key in ("image_size", "grow")):
+        grown = bigger and key in ("image_size", "grow", "slim_above")
+        if key in saved and getattr(args, key) != saved[key] and not grown:
             fail(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the checkpoint's {saved[key]}: "
                  "the networks cannot change on --resume (but for growing a run: --image-size with --grow); "
                  "start a new run for it")
@@ -626,6 +630,13 @@ def grow_sizes(args):
     return [res for res, _ in parse_grow(args.grow, args.image_size)] if args.grow else [args.image_size]
 
 
+def block_shape(args, c, res):
+    """(width, kernel) of the convs at resolution `res` of a net of width `c`: --slim-above halves the width per
+    doubling above max(--slim-above, the first size) and makes the kernels 3x3 there."""
+    halvings = int(math.log2(res / max(args.slim_above, grow_sizes(args)[0]))) if args.slim_above else 0
+    return (max(1, c >> halvings), 3) if halvings > 0 else (c, 5)
+
+
 class Generator(nn.Module):
     """z -> 8x8, two convs; per doubling: nearest upsample + 5x5 conv (two at the second-to-last size); to RGB.
     With --grow: that net at the first size (a finished run of it loads), per later size an upsample + 5x5 conv
@@ -640,8 +651,8 @@ class Generator(nn.Module):
         def after():
             return [PixelNorm(), nn.LeakyReLU(0.2)]
 
-        def to_rgb():
-            return [Conv(c, args.channels, 5, gain=1.0, equalized=eq), nn.Tanh()]
+        def to_rgb(width=c, k=5):
+            return [Conv(width, args.channels, k, gain=1.0, equalized=eq), nn.Tanh()]
 
         layers = [*after(), *conv_block(c, c, 5, after, equalized=eq), *conv_block(c, c, 4, after, equalized=eq)]
         doublings = int(math.log2(self.base // 8))
@@ -650,9 +661,11 @@ class Generator(nn.Module):
             for _ in range(2 if i == doublings - 2 else 1):
                 layers += conv_block(c, c, 5, after, equalized=eq)
         self.net = nn.Sequential(*layers, *to_rgb())
+        shapes = [block_shape(args, c, res) for res in sizes]
         self.blocks = nn.ModuleList(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                                  *conv_block(c, c, 5, after, equalized=eq)) for _ in sizes[1:])
-        self.to_rgb = nn.ModuleList(nn.Sequential(*to_rgb()) for _ in sizes[1:])
+                                                  *conv_block(cin, cout, k, after, equalized=eq))
+                                    for (cin, _), (cout, k) in zip(shapes, shapes[1:]))
+        self.to_rgb = nn.ModuleList(nn.Sequential(*to_rgb(*shape)) for shape in shapes[1:])
 
     def forward(self, z):  # z: [N, latent]
         x = self.fc(pixel_norm(z)).view(-1, self.c, 8, 8)  # [N, c, 8, 8]
@@ -687,11 +700,12 @@ class Critic(nn.Module):
                 layers += conv_block(cin, cin, 3, after, equalized=eq)
         self.features = nn.Sequential(*layers)
         self.head = Dense((cin + 1) * 16, 1, gain=1.0, equalized=eq)
-        self.from_rgb = nn.ModuleList(nn.Sequential(*conv_block(args.channels, c, 5, after, equalized=eq))
-                                      for _ in sizes[1:])
-        self.down = nn.ModuleList(nn.Sequential(*conv_block(c, c, 4, after, stride=2, equalized=eq),
-                                                *(conv_block(c, c, 3, after, equalized=eq) if res == 32 else []))
-                                  for res in sizes[1:])
+        shapes = [block_shape(args, c, res) for res in sizes]
+        self.from_rgb = nn.ModuleList(nn.Sequential(*conv_block(args.channels, width, k, after, equalized=eq))
+                                      for width, k in shapes[1:])
+        self.down = nn.ModuleList(nn.Sequential(*conv_block(cin, cout, 4, after, stride=2, equalized=eq),
+                                                *(conv_block(cout, cout, 3, after, equalized=eq) if res == 32 else []))
+                                  for res, (cout, _), (cin, _) in zip(sizes[1:], shapes, shapes[1:]))
 
     def forward(self, x, groups=1):  # x: [N, channels, S, S], S one of the grown resolutions
         k = int(math.log2(x.shape[-1] // self.base))  # blocks above the first resolution
