@@ -802,3 +802,53 @@ def test_sample_mode_of_a_run_stopped_mid_growth_draws_its_resolution(tmp_path, 
     out = run(tmp_path, folder, "--iters", "4", *GROWN)
     w.main(["--resume", str(out), "--sample", "2", "--sample-out", str(tmp_path / "gen")])
     assert Image.open(tmp_path / "gen" / "000001.png").size == (16, 16)
+
+
+def conv_shapes(net, part):
+    return [tuple(m.weight.shape) for m in getattr(net, part).modules() if isinstance(m, w.Conv)]
+
+
+def test_slim_above_halves_the_width_and_shrinks_the_kernels_above_it_only():
+    grow = ["--image-size", "64", "--grow", "16:3,32:3,64", "--fade", "2"]
+    default, slim32, slim16 = (tiny_args(*grow, *extra) for extra in ([], ["--slim-above", "32"],
+                                                                      ["--slim-above", "16"]))
+    assert [conv_shapes(w.Generator(default), p) for p in ("blocks", "to_rgb")] == \
+        [[(8, 8, 5, 5)] * 2, [(3, 8, 5, 5)] * 2]  # without the flag: as before, full width, 5x5
+    assert [conv_shapes(w.Critic(default), p) for p in ("from_rgb", "down")] == \
+        [[(8, 3, 5, 5)] * 2, [(8, 8, 4, 4), (8, 8, 3, 3), (8, 8, 4, 4)]]
+    assert [conv_shapes(w.Generator(slim32), p) for p in ("blocks", "to_rgb")] == \
+        [[(8, 8, 5, 5), (4, 8, 3, 3)], [(3, 8, 5, 5), (3, 4, 3, 3)]]  # only the 64 px block is slim
+    assert [conv_shapes(w.Critic(slim32), p) for p in ("from_rgb", "down")] == \
+        [[(8, 3, 5, 5), (4, 3, 3, 3)], [(8, 8, 4, 4), (8, 8, 3, 3), (8, 4, 4, 4)]]
+    assert conv_shapes(w.Generator(slim16), "blocks") == [(4, 8, 3, 3), (2, 4, 3, 3)]  # halved per doubling
+    assert conv_shapes(w.Critic(slim16), "down") == [(8, 4, 4, 4), (8, 8, 3, 3), (4, 2, 4, 4)]
+    for args in (slim32, slim16):  # every stage and fade runs at its size, the sizes up to R as in the default net
+        torch.manual_seed(0)
+        generator = w.Generator(args)
+        torch.manual_seed(0)
+        critic = w.Critic(args)
+        for res, alpha in ((16, 1.0), (32, 0.5), (64, 0.5), (64, 1.0)):
+            generator.res, generator.alpha, critic.alpha = res, alpha, alpha
+            x = generator(torch.randn(4, 16))
+            assert x.shape == (4, 3, res, res) and critic(x).shape == (4,)
+    torch.manual_seed(0)
+    plain = w.Generator(default).state_dict()
+    torch.manual_seed(0)
+    slim = w.Generator(slim32).state_dict()
+    assert slim.keys() == plain.keys()
+    assert all(slim[k].shape == plain[k].shape for k in plain if not k.startswith(("blocks.1", "to_rgb.1")))
+    before = [k for k in plain if not k.startswith(("blocks.1", "to_rgb"))]  # built before the first slim layer
+    assert all(torch.equal(plain[k], slim[k]) for k in before)
+
+
+def test_a_slim_run_grows_resumes_and_keeps_its_shape(tmp_path, folder, capsys):
+    out = run(tmp_path, folder, "--iters", "5", *GROWN, "--slim-above", "8", "--sample-every", "0")
+    ckpt = torch.load(out / "ckpt" / "last.pt", weights_only=True)
+    assert ckpt["generator"]["blocks.1.1.weight"].shape == (2, 4, 3, 3)  # 8 -> 4 at 16 px -> 2 at 32 px
+    capsys.readouterr()
+    line = expect_exit(capsys, ["--resume", str(out), "--slim-above", "0", "--iters", "6"])
+    assert "--slim-above 0 differs from the checkpoint's 8" in line
+    w.main(["--resume", str(out), "--iters", "8"])
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["res"] == 32
+    capsys.readouterr()
+    assert "--slim-above: invalid choice: 24" in expect_exit(capsys, TINY + ["--data", ".", "--slim-above", "24"])
