@@ -273,7 +273,9 @@ def check_args(args):
             (not all(0 <= b < 1 for b in args.betas), f"--betas must each be in [0, 1), got {args.betas}"),
             (not 0 < args.zoom[0] <= args.zoom[1], "--zoom needs 0 < low <= high"),
             (not 0 <= args.brightness[0] <= args.brightness[1], "--brightness needs 0 <= low <= high"),
-            (not 0 <= args.seed < 2 ** 32, f"--seed must be in [0, 2^32), got {args.seed}")]:
+            (not 0 <= args.seed < 2 ** 32, f"--seed must be in [0, 2^32), got {args.seed}"),
+            (args.slim_above and not args.grow, f"--slim-above {args.slim_above} slims the layers --grow adds; "
+                                                "give --grow too")]:
         if is_bad:
             fail(message)
     group = min(args.mbstd_group, args.batch_size)

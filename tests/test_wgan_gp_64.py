@@ -852,3 +852,4 @@ def test_a_slim_run_grows_resumes_and_keeps_its_shape(tmp_path, folder, capsys):
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["res"] == 32
     capsys.readouterr()
     assert "--slim-above: invalid choice: 24" in expect_exit(capsys, TINY + ["--data", ".", "--slim-above", "24"])
+    assert "give --grow too" in expect_exit(capsys, TINY + ["--data", ".", "--slim-above", "16"])
