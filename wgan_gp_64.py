@@ -641,8 +641,8 @@ def block_shape(args, c, res):
 
 class Generator(nn.Module):
     """z -> 8x8, two convs; per doubling: nearest upsample + 5x5 conv (two at the second-to-last size); to RGB.
-    With --grow: that net at the first size (a finished run of it loads), per later size an upsample + 5x5 conv
-    block and its to-RGB; the loop sets `res` and `alpha` (in a fade, lerp of the upsampled old image and the new)."""
+    With --grow: that net at the first size (a finished run of it loads), per later size an upsample + conv block
+    (block_shape) and its to-RGB; the loop sets `res` and `alpha` (in a fade, lerp of the upsampled old and the new)."""
 
     def __init__(self, args):
         super().__init__()
