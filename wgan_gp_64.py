@@ -682,7 +682,7 @@ class Generator(nn.Module):
 
 class Critic(nn.Module):
     """5x5 conv; stride-2 4x4 convs down to 4x4 (3x3 convs at 16 and 4); minibatch stddev; linear to 1. With --grow
-    as the generator: per later size a from-RGB 5x5 conv and a stride-2 block, the input's size picks the path."""
+    as the generator: per later size a from-RGB conv (block_shape) and a stride-2 block; the input's size picks."""
 
     def __init__(self, args):
         super().__init__()

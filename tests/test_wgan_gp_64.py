@@ -853,3 +853,12 @@ def test_a_slim_run_grows_resumes_and_keeps_its_shape(tmp_path, folder, capsys):
     capsys.readouterr()
     assert "--slim-above: invalid choice: 24" in expect_exit(capsys, TINY + ["--data", ".", "--slim-above", "24"])
     assert "give --grow too" in expect_exit(capsys, TINY + ["--data", ".", "--slim-above", "16"])
+
+
+def test_a_finished_plain_run_grows_into_slim_layers(tmp_path, folder):
+    out = run(tmp_path, folder, "--iters", "2", "--sample-every", "0")  # 32 px, no --slim-above
+    w.main(["--resume", str(out), "--image-size", "64", "--grow", "32:2,64", "--fade", "1", "--slim-above", "32",
+            "--iters", "3", "--sample-every", "0"])
+    ckpt = torch.load(out / "ckpt" / "last.pt", weights_only=True)
+    assert ckpt["generator"]["blocks.0.1.weight"].shape == (4, 8, 3, 3)  # the new 64 px block: half width, 3x3
+    assert ckpt["critic"]["from_rgb.0.0.weight"].shape == (4, 3, 3, 3) and ckpt["args"]["slim_above"] == 32
