@@ -71,7 +71,7 @@ CACHE_BYTES = 2 * 2 ** 30  # --cache-images holds at most this much uint8 image 
 AGREE_EVERY = 10  # under torchrun the ranks compare stop requests every this many steps: each compare waits for the GPU
 NOT_FROM_FILES = {"config", "resume", "run_name", "sample", "sample_out"}  # said on the command line only
 NETWORK = ("image_size", "channels", "latent_dim", "g_channels", "d_channels", "equalized_lr", "grow",
-           "slim_above", "skip_rgb")  # in a checkpoint
+           "slim_above")  # in a checkpoint
 
 # ---------------------------------------------------------------------------------------------- flags
 def fail(message, code=2):
@@ -137,8 +137,6 @@ def build_parser():
       "the last = --image-size until the end (e.g. 16:2000,32:6000,64; none: --image-size from the start)")
     a("--slim-above", type=int, default=0, choices=(0, 8, 16, 32, 64, 128), help="with --grow: each resolution "
       "above this one gets half the channels of the one below and 3x3 convs (ProGAN's halving; 0: off)")
-    a("--skip-rgb", action=on_off, default=False, help="with --grow: the image is the sum of every resolution's to-RGB "
-      "(StyleGAN2's skip generator), the new one fading in, not the last one's alone")
     a("--fade", type=int, default=1000, help="with --grow: generator steps over which each new resolution fades in")
     a("--iters", type=int, default=100_000, help="generator steps")
     a("--max-time", type=duration, help="wall-clock budget, ends the step that crosses it (90s, 30m, 2h; none: off)")
@@ -204,7 +202,7 @@ def parse_args(argv=None):
     first = parse_grow(args.grow, args.image_size)[0] if args.grow else None
     bigger = first and saved.get("grow") is None and first[0] == saved.get("image_size")  # a run grown further
     for key in NETWORK:  # the weights would not load, or (--equalized-lr) load rescaled
-        grown = bigger and key in ("image_size", "grow", "slim_above", "skip_rgb")
+        grown = bigger and key in ("image_size", "grow", "slim_above")
         if key in saved and getattr(args, key) != saved[key] and not grown:
             fail(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the checkpoint's {saved[key]}: "
                  "the networks cannot change on --resume (but for growing a run: --image-size with --grow); "
@@ -277,8 +275,7 @@ def check_args(args):
             (not 0 <= args.brightness[0] <= args.brightness[1], "--brightness needs 0 <= low <= high"),
             (not 0 <= args.seed < 2 ** 32, f"--seed must be in [0, 2^32), got {args.seed}"),
             (args.slim_above and not args.grow, f"--slim-above {args.slim_above} slims the layers --grow adds; "
-                                                "give --grow too"),
-            (args.skip_rgb and not args.grow, "--skip-rgb sums the to-RGB of the sizes --grow adds; give --grow too")]:
+                                                "give --grow too")]:
         if is_bad:
             fail(message)
     group = min(args.mbstd_group, args.batch_size)
@@ -645,13 +642,12 @@ def block_shape(args, c, res):
 class Generator(nn.Module):
     """z -> 8x8, two convs; per doubling: nearest upsample + 5x5 conv (two at the second-to-last size); to RGB.
     With --grow: that net at the first size (a finished run of it loads), per later size an upsample + conv block
-    (block_shape) and its to-RGB; the loop sets `res` and `alpha` (in a fade, lerp of the upsampled old and the new;
-    with --skip-rgb the image is tanh of the sum of every size's upsampled to-RGB, the newest one's times alpha)."""
+    (block_shape) and its to-RGB; the loop sets `res` and `alpha` (in a fade, lerp of the upsampled old and the new)."""
 
     def __init__(self, args):
         super().__init__()
         c, eq, sizes = args.g_channels, args.equalized_lr, grow_sizes(args)
-        self.c, self.base, self.res, self.alpha, self.skip = c, sizes[0], args.image_size, 1.0, args.skip_rgb
+        self.c, self.base, self.res, self.alpha = c, sizes[0], args.image_size, 1.0
         self.fc = Dense(args.latent_dim, c * 8 * 8, equalized=eq)
 
         def after():
@@ -678,12 +674,6 @@ class Generator(nn.Module):
         if self.res == self.base:
             return self.net(x)  # [N, channels, S, S] in [-1, 1]
         x, rgb = self.net[:-2](x), self.net[-2:]
-        if self.skip:  # pre-tanh sum: nearest upsampling commutes with tanh, so alpha = 0 is the old image exactly
-            logits, k = rgb[0](x), int(math.log2(self.res // self.base))
-            for i, (block, next_rgb) in enumerate(zip(self.blocks[:k], self.to_rgb)):
-                x = block(x)
-                logits = F.interpolate(logits, scale_factor=2) + (self.alpha if i == k - 1 else 1) * next_rgb[0](x)
-            return torch.tanh(logits)
         for block, next_rgb in zip(self.blocks[:int(math.log2(self.res // self.base))], self.to_rgb):
             before, x, rgb, old = x, block(x), next_rgb, rgb
         out = rgb(x)  # [N, channels, res, res]

@@ -862,37 +862,3 @@ def test_a_finished_plain_run_grows_into_slim_layers(tmp_path, folder):
     ckpt = torch.load(out / "ckpt" / "last.pt", weights_only=True)
     assert ckpt["generator"]["blocks.0.1.weight"].shape == (4, 8, 3, 3)  # the new 64 px block: half width, 3x3
     assert ckpt["critic"]["from_rgb.0.0.weight"].shape == (4, 3, 3, 3) and ckpt["args"]["slim_above"] == 32
-
-
-def test_skip_rgb_sums_every_size_and_starts_each_fade_from_the_old_image_exactly():
-    args = tiny_args("--image-size", "64", "--grow", "16:3,32:3,64", "--fade", "2", "--skip-rgb", "--slim-above", "32")
-    torch.manual_seed(0)
-    generator, z = w.Generator(args).eval(), torch.randn(4, 16)
-    images = {}
-    for res, alpha in ((16, 1.0), (32, 0.0), (32, 1.0), (64, 0.0), (64, 0.5), (64, 1.0)):
-        generator.res, generator.alpha = res, alpha
-        images[res, alpha] = generator(z)
-        assert images[res, alpha].shape == (4, 3, res, res)
-    nearest = F.interpolate(images[32, 1.0], scale_factor=2)
-    assert torch.allclose(images[32, 0.0], F.interpolate(images[16, 1.0], scale_factor=2), atol=1e-6)
-    assert torch.allclose(images[64, 0.0], nearest, atol=1e-6)
-    logits = [torch.atanh(images[64, a].clamp(-1 + 1e-6, 1 - 1e-6)) for a in (0.0, 0.5, 1.0)]
-    assert torch.allclose(logits[1], (logits[0] + logits[2]) / 2, atol=1e-3)  # alpha scales the new residual
-    assert not torch.allclose(images[64, 1.0], nearest, atol=1e-3)  # after the fade the 64 px layer adds detail
-    generator.skip, generator.alpha = False, 1.0  # the ProGAN net of the same weights draws from the last to-RGB only
-    assert not torch.allclose(generator(z), images[64, 1.0], atol=1e-3)
-
-
-def test_skip_rgb_needs_grow_is_kept_on_resume_and_may_be_set_when_growing_a_plain_run(tmp_path, folder, capsys):
-    assert "give --grow too" in expect_exit(capsys, TINY + ["--data", ".", "--skip-rgb"])
-    out = run(tmp_path, folder, "--iters", "4", *GROWN, "--skip-rgb", "--sample-every", "0")
-    capsys.readouterr()
-    assert "--skip-rgb False differs from the checkpoint's True" in \
-        expect_exit(capsys, ["--resume", str(out), "--no-skip-rgb", "--iters", "6"])
-    w.main(["--resume", str(out), "--iters", "6"])
-    assert torch.load(out / "ckpt" / "last.pt", weights_only=True)["args"]["skip_rgb"]
-    plain = run(tmp_path, folder, "--iters", "2", "--sample-every", "0", name="plain")
-    w.main(["--resume", str(plain), "--image-size", "64", "--grow", "32:2,64", "--fade", "1", "--skip-rgb",
-            "--iters", "4", "--sample-every", "0"])
-    ckpt = torch.load(plain / "ckpt" / "last.pt", weights_only=True)
-    assert ckpt["args"]["skip_rgb"] and ckpt["iteration"] == 4
