@@ -206,15 +206,16 @@ def test_a_signal_at_any_moment_is_one_line_and_its_code(tiny_root, tmp_path, mo
         return
     if moment == "FID":
         monkeypatch.setattr(wm, "load_inception", lambda *a: None)
+        finished = []
 
         def fid(*a):
             os.kill(os.getpid(), sig)
             time.sleep(0.5)  # a FID takes minutes: the stop must not wait for it
+            finished.append(1)
             return {"fid": 1.0, "kid": 0.0, "fid_n": 8}
         monkeypatch.setattr(wm, "compute_fid", fid)
-        t = time.time()
         expect_stop(capsys, argv + ["--fid-every", "2", "--fid-samples", "8"], code, "the last checkpoint")
-        assert time.time() - t < 5 and torch.load(run / "ckpt" / "last.pt", weights_only=False)["step"] == 2
+        assert not finished and torch.load(run / "ckpt" / "last.pt", weights_only=False)["step"] == 2
         return
     # writing the GIF: the signal comes while PIL has written part of it
     from PIL import Image

@@ -1,6 +1,7 @@
 """wgan_gp_64.py under torchrun: 2 CPU processes over gloo. Slow-ish (process start-up), so few and small."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,7 +108,9 @@ def test_a_dying_rank_ends_the_run_and_the_checkpoint_still_loads(tmp_path):
     result = torchrun(script, *TINY, "--data", data, "--iters", "50", "--ckpt-every", "2", "--sample-every", "0",
                       "--out", out, "--run-name", "dies", cwd=tmp_path)
     assert result.returncode != 0
-    assert "failed (exitcode: 3) local_rank: 1" in result.stderr  # torchrun names the dead rank and its code
+    # torchrun's failure table names the dead rank and its code (the "first" failure may be rank 0, which
+    # exits 1 on the broken connection within the same poll)
+    assert re.search(r"local_rank: 1\)\s*\n\s*exitcode\s*: 3 ", result.stderr), result.stderr[-3000:]
     ckpt = torch.load(out / "dies" / "ckpt" / "last.pt", weights_only=True)
     assert ckpt["iteration"] == 4
     w.main(["--resume", str(out / "dies"), "--iters", "6"])
@@ -127,9 +130,12 @@ def test_ctrl_c_to_torchrun_stops_every_rank_at_one_step_and_the_checkpoint_resu
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "int" / "metrics.jsonl"
     deadline = time.time() + 180
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    def logged():
+        return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+    while time.time() < deadline and logged() < 3:
         time.sleep(0.5)
-    assert metrics.exists(), proc.communicate(timeout=60)[1][-3000:]
+    assert logged() >= 3, proc.communicate(timeout=60)[1][-3000:]  # the signal must come mid-training
     proc.send_signal(signal.SIGINT)
     sent = time.time()
     _, err = proc.communicate(timeout=120)
