@@ -10,6 +10,7 @@
         --fish64-amp-ttq .benchmarks/ttq/<time>    # 64 px, 2 h, seed 2: grown with --amp vs grown in float32
         --fish64-from32-ttq .benchmarks/ttq/<time> # 64 px, 2 h, seed 2: grown from 32 px vs the recipe's schedule
         --fish64-slim-ttq .benchmarks/ttq/<time>   # 64 px, 2 h, seed 2, --amp: --slim-above 32 vs full width
+        --fish64-ema-ttq .benchmarks/ttq/<time>    # 64 px, 2 h, seed 2, slim, --ema 0.9999: lr 4e-4 vs a late 1e-4
         --mnist-2h runs/gallery/mnist2h        # the README's 2 h MNIST run, then experiments/score_run.py on it
         --fish32-2h runs/gallery/fish32_2h     # the README's 2 h fish 32 px run, then experiments/score_run.py
         --seed001 runs/docs                    # bash experiments/docs_runs.sh (seed001_* runs)
@@ -132,6 +133,7 @@ def main():
     p.add_argument("--fish64-amp-ttq", type=Path)
     p.add_argument("--fish64-from32-ttq", type=Path)
     p.add_argument("--fish64-slim-ttq", type=Path)
+    p.add_argument("--fish64-ema-ttq", type=Path)
     p.add_argument("--mnist-2h", type=Path)
     p.add_argument("--fish32-2h", type=Path)
     p.add_argument("--seed001", type=Path)
@@ -171,6 +173,10 @@ def main():
     if args.fish64_slim_ttq:
         labels = {"script": "grown, --slim-above 32 (64 px: 16 channels, 3x3)", "vs": "grown, full width (32, 5x5)"}
         ttq_images(args.fish64_slim_ttq, "fish64_slim", "fish 64x64, 2 h, seed 2, bf16: slim vs full 64 px layers", 1,
+                   "vs", labels, "webp")
+    if args.fish64_ema_ttq:
+        labels = {"script": "slim, --ema 0.9999", "vs": "slim, --ema 0.9999, lr 1e-4 from epoch 110"}
+        ttq_images(args.fish64_ema_ttq, "fish64_ema", "fish 64x64, 2 h, seed 2, bf16: a late lr drop or none", 1,
                    "vs", labels, "webp")
     if args.mnist_2h:
         save_png(Image.open(args.mnist_2h / "score_grid.png").convert("RGB"), "mnist_2h_grid.png", 2)
