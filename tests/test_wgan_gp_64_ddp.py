@@ -130,6 +130,7 @@ def test_ctrl_c_to_torchrun_stops_every_rank_at_one_step_and_the_checkpoint_resu
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "int" / "metrics.jsonl"
     deadline = time.time() + 180
+
     def logged():
         return len(metrics.read_text().splitlines()) if metrics.exists() else 0
 
