@@ -65,7 +65,8 @@ def test_two_processes_match_one_process_of_twice_the_batch(tmp_path):
     for part in ("critic", "generator"):
         for k in one[part]:
             assert torch.equal(r0[part][k], r1[part][k]), f"ranks differ in {part}.{k}"
-            assert torch.allclose(r0[part][k], one[part][k], rtol=1e-4, atol=1e-6), f"{part}.{k}"
+            assert torch.allclose(r0[part][k], one[part][k], rtol=1e-4, atol=1e-6), \
+                f"{part}.{k}: max difference {(r0[part][k] - one[part][k]).abs().max():.3g}"  # how far, if it fails
     moved = [k for k, v in one["critic"].items() if not torch.allclose(v, one["start"][k])]
     assert moved  # the step did something, so the comparison means something
 
