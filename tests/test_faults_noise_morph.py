@@ -219,15 +219,22 @@ def test_the_first_signal_decides_the_code(tmp_path, monkeypatch, capsys, no_def
 
 
 def test_a_signal_while_torch_loads_is_one_line(tmp_path):
-    """Subprocesses (the import is the moment): all three at once, so the test costs one start."""
-    procs = {sig: subprocess.Popen([sys.executable, str(ROOT / "noise_morph.py"), "--out", str(tmp_path)],
+    """Subprocesses (the import is the moment): all three at once, so the test costs one start. `--help` exits 0
+    once the imports are done, so a signal that came too late shows as a 0, not as a training run's stop."""
+    procs = {sig: subprocess.Popen([sys.executable, str(ROOT / "noise_morph.py"), "--help"], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True, cwd=tmp_path) for sig in SIGS}
     for sig, p in procs.items():
         signal_once_started(p, sig)
+    landed = 0
     for sig, p in procs.items():
         err = p.communicate(timeout=60)[1]
+        if p.returncode == 0:
+            continue
+        landed += 1
         assert p.returncode == code_of(sig) and len(err.strip().splitlines()) == 1, (sig, p.returncode, err)
         assert "Traceback" not in err and sig.name in err, err
+    if not landed:
+        pytest.skip("the imports finished before any signal")
 
 
 # ---------------------------------------------------------------- families 4 to 8: the run folder

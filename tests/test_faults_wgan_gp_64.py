@@ -264,6 +264,9 @@ def test_signal_to_the_process_group_with_workers_saves_a_checkpoint(tmp_path, f
     metrics, deadline = out / "metrics.jsonl", time.time() + 120
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         time.sleep(0.05)
+    if not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"no two logged steps in 120 s: {proc.communicate()[1][-3000:]}")
     os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == CODE[sig], err[-3000:]
