@@ -12,6 +12,7 @@
         --fish64-slim-ttq .benchmarks/ttq/<time>   # 64 px, 2 h, seed 2, --amp: --slim-above 32 vs full width
         --fish64-ema-ttq .benchmarks/ttq/<time>    # 64 px, 2 h, seed 2, slim, --ema 0.9999: lr 4e-4 vs a late 1e-4
         --fish64-critic1-ttq .benchmarks/ttq/<time>  # the same with --critic-its 1: lr 4e-4 vs 6e-4
+        --fish64-lr-ttq .benchmarks/ttq/<time>       # the same: lr 8e-4 vs 1.2e-3
         --mnist-2h runs/gallery/mnist2h        # the README's 2 h MNIST run, then experiments/score_run.py on it
         --fish32-2h runs/gallery/fish32_2h     # the README's 2 h fish 32 px run, then experiments/score_run.py
         --seed001 runs/docs                    # bash experiments/docs_runs.sh (seed001_* runs)
@@ -71,9 +72,9 @@ def curve(ttq, name, title, labels=None):
     save_figure(fig, name)
 
 
-def ttq_images(ttq, prefix, title, scale, other="baseline", labels=None, ext="png"):
+def ttq_images(ttq, prefix, title, scale, other="baseline", labels=None, ext="png", grids=True):
     curve(ttq, f"{prefix}_curve.png", title, labels)
-    for arm in ("script", other):
+    for arm in ("script", other) if grids else ():  # grids=False: docs/images has a 5 MB budget
         save_png(Image.open(ttq / f"{arm}_grid.png").convert("RGB"), f"{prefix}_{arm}_grid.{ext}", scale)
 
 
@@ -136,6 +137,7 @@ def main():
     p.add_argument("--fish64-slim-ttq", type=Path)
     p.add_argument("--fish64-ema-ttq", type=Path)
     p.add_argument("--fish64-critic1-ttq", type=Path)
+    p.add_argument("--fish64-lr-ttq", type=Path)
     p.add_argument("--mnist-2h", type=Path)
     p.add_argument("--fish32-2h", type=Path)
     p.add_argument("--seed001", type=Path)
@@ -179,10 +181,14 @@ def main():
     if args.fish64_ema_ttq:
         labels = {"script": "slim, --ema 0.9999", "vs": "slim, --ema 0.9999, lr 1e-4 from epoch 110"}
         ttq_images(args.fish64_ema_ttq, "fish64_ema", "fish 64x64, 2 h, seed 2, bf16: a late lr drop or none", 1,
-                   "vs", labels, "webp")
+                   "vs", labels, "webp", grids=False)
     if args.fish64_critic1_ttq:
         labels = {"script": "slim, --ema 0.9999, --critic-its 1, lr 4e-4", "vs": "the same, lr 6e-4"}
         ttq_images(args.fish64_critic1_ttq, "fish64_critic1", "fish 64x64, 2 h, seed 2, bf16: one critic step", 1,
+                   "vs", labels, "webp")
+    if args.fish64_lr_ttq:
+        labels = {"script": "slim, --ema 0.9999, --critic-its 1, lr 8e-4", "vs": "the same, lr 1.2e-3"}
+        ttq_images(args.fish64_lr_ttq, "fish64_lr", "fish 64x64, 2 h, seed 2, bf16: one critic step, larger lr", 1,
                    "vs", labels, "webp")
     if args.mnist_2h:
         save_png(Image.open(args.mnist_2h / "score_grid.png").convert("RGB"), "mnist_2h_grid.png", 2)
