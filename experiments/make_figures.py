@@ -72,9 +72,23 @@ def curve(ttq, name, title, labels=None):
     save_figure(fig, name)
 
 
+# the 2 h, seed 2 pairs of issue 23 (WGAN_TTQ_VS): option --fish64-<name>-ttq -> (title, script arm, vs arm)
+SEED2_PAIRS_64 = {
+    "2h_vs": (": grown vs from scratch", "grown 16 -> 32 -> 64 (64 px at both points)", "from scratch at 64 px"),
+    "amp": (": grown in bf16 vs float32", "grown, --amp (bf16)", "grown, float32"),
+    "from32": (": two growing schedules", "grown 32 -> 64: --grow 32:16000,64",
+               "grown 16 -> 32 -> 64: --grow 16:4500,32:6500,64"),
+    "slim": (", bf16: slim vs full 64 px layers", "grown, --slim-above 32 (64 px: 16 channels, 3x3)",
+             "grown, full width (32, 5x5)"),
+    "ema": (", bf16: a late lr drop or none", "slim, --ema 0.9999", "slim, --ema 0.9999, lr 1e-4 from epoch 110"),
+    "critic1": (", bf16: one critic step", "slim, --ema 0.9999, --critic-its 1, lr 4e-4", "the same, lr 6e-4"),
+    "lr": (", bf16: one critic step, larger lr", "slim, --ema 0.9999, --critic-its 1, lr 8e-4", "the same, lr 1.2e-3"),
+}
+
+
 def ttq_images(ttq, prefix, title, scale, other="baseline", labels=None, ext="png", grids=True):
     curve(ttq, f"{prefix}_curve.png", title, labels)
-    for arm in ("script", other) if grids else ():  # grids=False: docs/images has a 5 MB budget
+    for arm in ("script", other) if grids else ():
         save_png(Image.open(ttq / f"{arm}_grid.png").convert("RGB"), f"{prefix}_{arm}_grid.{ext}", scale)
 
 
@@ -131,13 +145,8 @@ def main():
     p.add_argument("--fish-ttq", type=Path)
     p.add_argument("--fish64-ttq", type=Path)
     p.add_argument("--fish64-2h-ttq", type=Path)
-    p.add_argument("--fish64-2h-vs-ttq", type=Path)
-    p.add_argument("--fish64-amp-ttq", type=Path)
-    p.add_argument("--fish64-from32-ttq", type=Path)
-    p.add_argument("--fish64-slim-ttq", type=Path)
-    p.add_argument("--fish64-ema-ttq", type=Path)
-    p.add_argument("--fish64-critic1-ttq", type=Path)
-    p.add_argument("--fish64-lr-ttq", type=Path)
+    for name in SEED2_PAIRS_64:
+        p.add_argument(f"--fish64-{name.replace('_', '-')}-ttq", type=Path)
     p.add_argument("--mnist-2h", type=Path)
     p.add_argument("--fish32-2h", type=Path)
     p.add_argument("--seed001", type=Path)
@@ -161,35 +170,10 @@ def main():
         ttq_images(args.fish64_2h_ttq, "fish64_2h", "fish 64x64, 2 h: CPU recipe grown vs DCGAN WGAN-GP", 1,
                    labels=labels, ext="webp")
         fish_figures(args.fish64_2h_ttq / "script", "fish64_2h", 1)
-    if args.fish64_2h_vs_ttq:
-        labels = {"script": "grown 16 -> 32 -> 64 (64 px at both points)", "vs": "from scratch at 64 px"}
-        ttq_images(args.fish64_2h_vs_ttq, "fish64_2h_vs", "fish 64x64, 2 h, seed 2: grown vs from scratch", 1, "vs",
-                   labels, "webp")
-    if args.fish64_amp_ttq:
-        labels = {"script": "grown, --amp (bf16)", "vs": "grown, float32"}
-        ttq_images(args.fish64_amp_ttq, "fish64_amp", "fish 64x64, 2 h, seed 2: grown in bf16 vs float32", 1, "vs",
-                   labels, "webp")
-    if args.fish64_from32_ttq:
-        labels = {"script": "grown 32 -> 64: --grow 32:16000,64",
-                  "vs": "grown 16 -> 32 -> 64: --grow 16:4500,32:6500,64"}
-        ttq_images(args.fish64_from32_ttq, "fish64_from32", "fish 64x64, 2 h, seed 2: two growing schedules", 1, "vs",
-                   labels, "webp")
-    if args.fish64_slim_ttq:
-        labels = {"script": "grown, --slim-above 32 (64 px: 16 channels, 3x3)", "vs": "grown, full width (32, 5x5)"}
-        ttq_images(args.fish64_slim_ttq, "fish64_slim", "fish 64x64, 2 h, seed 2, bf16: slim vs full 64 px layers", 1,
-                   "vs", labels, "webp")
-    if args.fish64_ema_ttq:
-        labels = {"script": "slim, --ema 0.9999", "vs": "slim, --ema 0.9999, lr 1e-4 from epoch 110"}
-        ttq_images(args.fish64_ema_ttq, "fish64_ema", "fish 64x64, 2 h, seed 2, bf16: a late lr drop or none", 1,
-                   "vs", labels, "webp", grids=False)
-    if args.fish64_critic1_ttq:
-        labels = {"script": "slim, --ema 0.9999, --critic-its 1, lr 4e-4", "vs": "the same, lr 6e-4"}
-        ttq_images(args.fish64_critic1_ttq, "fish64_critic1", "fish 64x64, 2 h, seed 2, bf16: one critic step", 1,
-                   "vs", labels, "webp")
-    if args.fish64_lr_ttq:
-        labels = {"script": "slim, --ema 0.9999, --critic-its 1, lr 8e-4", "vs": "the same, lr 1.2e-3"}
-        ttq_images(args.fish64_lr_ttq, "fish64_lr", "fish 64x64, 2 h, seed 2, bf16: one critic step, larger lr", 1,
-                   "vs", labels, "webp")
+    for name, (title, script, vs) in SEED2_PAIRS_64.items():
+        if ttq := getattr(args, f"fish64_{name}_ttq"):
+            ttq_images(ttq, f"fish64_{name}", f"fish 64x64, 2 h, seed 2{title}", 1, "vs", {"script": script, "vs": vs},
+                       "webp", grids=name != "ema")  # the EMA pair's grids left docs/images (its 5 MB budget)
     if args.mnist_2h:
         save_png(Image.open(args.mnist_2h / "score_grid.png").convert("RGB"), "mnist_2h_grid.png", 2)
     if args.fish32_2h:

@@ -262,9 +262,10 @@ def test_signal_to_the_process_group_with_workers_saves_a_checkpoint(tmp_path, f
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     metrics, deadline = out / "metrics.jsonl", time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+    logged_two = lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2  # noqa: E731
+    while time.time() < deadline and not logged_two():
         time.sleep(0.05)
-    if not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+    if not logged_two():
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(f"no two logged steps in 120 s: {proc.communicate()[1][-3000:]}")
     os.killpg(proc.pid, sig)
