@@ -73,3 +73,21 @@ def test_gitignore_lets_docs_images_through_and_keeps_run_outputs_out():
     ignored = subprocess.run(["git", "check-ignore", "--no-index", "docs/images/x.png", "runs/a/samples/x.png",
                               "x.png"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     assert ignored == ["runs/a/samples/x.png", "x.png"]
+
+
+def cpu_line(readme_text):
+    """The quick start's `wgan_gp_64.py --data fish/ --image-size 64 ...` command, its continuations joined."""
+    block = re.search(r"## Quick start\n+```bash\n(.*?)```", readme_text, re.S)[1].replace("\\\n", " ")
+    line = next(x for x in block.splitlines() if "wgan_gp_64.py" in x and "--image-size 64" in x)
+    return " ".join(line.split()[line.split().index("fish/") + 1:])
+
+
+def test_readme_cpu_line_is_the_scripts_cpu_recipe():
+    """The script's CPU hint names CPU_RECIPE (plus --amp on a CPU with bf16 units): the README must run the same."""
+    import ast
+    tree = ast.parse((ROOT / "wgan_gp_64.py").read_text())
+    recipe = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                  and getattr(node.targets[0], "id", None) == "CPU_RECIPE")
+    assert cpu_line((ROOT / "README.md").read_text()) == recipe + " --amp"
+    assert cpu_line("## Quick start\n\n```bash\nx wgan_gp_64.py --data fish/ --image-size 64 \\\n  --lr 1\n```\n") \
+        == "--image-size 64 --lr 1"  # the parser itself reads continuations

@@ -652,15 +652,19 @@ def test_cpu_recipe_trains_on_a_mixed_folder(tmp_path, capsys):
     assert "CPU recipe" not in out  # the hint is for runs above 32px that do not grow
     args = json.loads((tmp_path / "runs" / "recipe" / "args.json").read_text())
     assert (args["image_size"], args["critic_dropout"], args["gp_every"], args["augment"]) == (64, 0, 4, False)
+    assert (args["critic_its"], args["lr"], args["slim_above"], args["ema"]) == (1, 8e-4, 32, 0.9999)
     assert args["grow"] == "16:4500,32:6500,64" and "--max-time 2h" in w.CPU_RECIPE
     records = [json.loads(line) for line in (tmp_path / "runs" / "recipe" / "metrics.jsonl").read_text().splitlines()]
     assert records and all(math.isfinite(r["loss_critic"]) for r in records)
     assert (tmp_path / "runs" / "recipe" / "samples" / "iter_000003.png").is_file()
 
 
-def test_cpu_hint_for_large_images_on_a_cpu(tmp_path, folder, capsys):
+@pytest.mark.parametrize("bf16", [True, False])
+def test_cpu_hint_for_large_images_on_a_cpu(tmp_path, folder, capsys, monkeypatch, bf16):
+    monkeypatch.setattr(w, "bf16_cpu", lambda: bf16)
     run(tmp_path, folder, "--image-size", "64", "--iters", "1")
-    assert w.CPU_RECIPE in capsys.readouterr().out
+    hint = next(line for line in capsys.readouterr().out.splitlines() if "CPU recipe" in line)
+    assert hint.endswith(w.CPU_RECIPE + " --amp" if bf16 else w.CPU_RECIPE)  # --amp only where bf16 units pay
 
 
 # ------------------------------------------------------------------------------------ progressive growing
