@@ -36,8 +36,8 @@ def stepper(flags):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--a", default=RECIPE)
-    p.add_argument("--b", default=RECIPE + " --slim-above 32")
+    p.add_argument("--a", default=RECIPE + " --slim-above 0")  # later flags win: the recipe at full width
+    p.add_argument("--b", default=RECIPE)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=10, help="steps per round")
     opts = p.parse_args()
