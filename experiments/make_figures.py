@@ -13,6 +13,7 @@
         --fish64-ema-ttq .benchmarks/ttq/<time>    # 64 px, 2 h, seed 2, slim, --ema 0.9999: lr 4e-4 vs a late 1e-4
         --fish64-critic1-ttq .benchmarks/ttq/<time>  # the same with --critic-its 1: lr 4e-4 vs 6e-4
         --fish64-lr-ttq .benchmarks/ttq/<time>       # the same: lr 8e-4 vs 1.2e-3
+        --fish64-seed3-ttq .benchmarks/ttq/<time>    # 64 px, 2 h, seed 3: the CPU recipe vs the earlier one
         --mnist-2h runs/gallery/mnist2h        # the README's 2 h MNIST run, then experiments/score_run.py on it
         --fish32-2h runs/gallery/fish32_2h     # the README's 2 h fish 32 px run, then experiments/score_run.py
         --seed001 runs/docs                    # bash experiments/docs_runs.sh (seed001_* runs)
@@ -20,7 +21,7 @@
 
 Each option is independent; the ones given overwrite their images. Grids are cropped or upscaled by an integer
 factor (nearest), never resampled, and written as optimised PNG (the 64 px grids, over 400 KB as PNG or lossless
-WebP, as WebP of quality 90).
+WebP, as WebP of quality 90; the seed-3 pair's progress strip and interpolation too).
 """
 import argparse
 import json
@@ -92,7 +93,7 @@ def ttq_images(ttq, prefix, title, scale, other="baseline", labels=None, ext="pn
         save_png(Image.open(ttq / f"{arm}_grid.png").convert("RGB"), f"{prefix}_{arm}_grid.{ext}", scale)
 
 
-def fish_figures(run, prefix, scale):
+def fish_figures(run, prefix, scale, ext="png"):
     frames = sorted((run / "samples").glob("iter_*.png"))
     picked = [frames[round(i * (len(frames) - 1) / 5)] for i in range(6)] if len(frames) >= 6 else frames
     size = Image.open(frames[-1]).size  # a grown run's early grids are smaller: upsampled (nearest) to the last's
@@ -104,9 +105,9 @@ def fish_figures(run, prefix, scale):
     strip = Image.new("RGB", (sum(t.width for t in tiles), tiles[0].height), "white")
     for i, tile in enumerate(tiles):
         strip.paste(tile, (i * tile.width, 0))
-    save_png(strip, f"{prefix}_progress.png", scale)
+    save_png(strip, f"{prefix}_progress.{ext}", scale)
     print("  progress frames:", ", ".join(p.stem for p in picked))
-    save_png(Image.open(run / "interpolation.png").convert("RGB"), f"{prefix}_interpolation.png", scale)
+    save_png(Image.open(run / "interpolation.png").convert("RGB"), f"{prefix}_interpolation.{ext}", scale)
     save_png(Image.open(run / "nearest_neighbours.png").convert("RGB"), f"{prefix}_nearest_neighbours.png")
 
 
@@ -147,6 +148,7 @@ def main():
     p.add_argument("--fish64-2h-ttq", type=Path)
     for name in SEED2_PAIRS_64:
         p.add_argument(f"--fish64-{name.replace('_', '-')}-ttq", type=Path)
+    p.add_argument("--fish64-seed3-ttq", type=Path)
     p.add_argument("--mnist-2h", type=Path)
     p.add_argument("--fish32-2h", type=Path)
     p.add_argument("--seed001", type=Path)
@@ -174,6 +176,12 @@ def main():
         if ttq := getattr(args, f"fish64_{name}_ttq"):
             ttq_images(ttq, f"fish64_{name}", f"fish 64x64, 2 h, seed 2{title}", 1, "vs", {"script": script, "vs": vs},
                        "webp", grids=name != "ema")  # the EMA pair's grids left docs/images (its 5 MB budget)
+    if args.fish64_seed3_ttq:
+        labels = {"script": "the CPU recipe: one critic step, lr 8e-4, slim 64 px layers, EMA 0.9999, bf16",
+                  "vs": "the earlier recipe: two critic steps, lr 4e-4, full width, EMA 0.999, float32"}
+        ttq_images(args.fish64_seed3_ttq, "fish64_seed3", "fish 64x64, 2 h, seed 3: the CPU recipe vs the earlier one",
+                   1, "vs", labels, "webp")
+        fish_figures(args.fish64_seed3_ttq / "script", "fish64_seed3", 1, "webp")
     if args.mnist_2h:
         save_png(Image.open(args.mnist_2h / "score_grid.png").convert("RGB"), "mnist_2h_grid.png", 2)
     if args.fish32_2h:
