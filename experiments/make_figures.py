@@ -86,6 +86,8 @@ SEED2_PAIRS_64 = {
     "lr": (", bf16: one critic step, larger lr", "slim, --ema 0.9999, --critic-its 1, lr 8e-4", "the same, lr 1.2e-3"),
 }
 
+CURVE_ONLY = {"ema", "slim", "from32", "amp"}  # their grids left docs/images (its 5 MB budget); described in the docs
+
 
 def ttq_images(ttq, prefix, title, scale, other="baseline", labels=None, ext="png", grids=True):
     curve(ttq, f"{prefix}_curve.png", title, labels)
@@ -175,7 +177,7 @@ def main():
     for name, (title, script, vs) in SEED2_PAIRS_64.items():
         if ttq := getattr(args, f"fish64_{name}_ttq"):
             ttq_images(ttq, f"fish64_{name}", f"fish 64x64, 2 h, seed 2{title}", 1, "vs", {"script": script, "vs": vs},
-                       "webp", grids=name != "ema")  # the EMA pair's grids left docs/images (its 5 MB budget)
+                       "webp", grids=name not in CURVE_ONLY)
     if args.fish64_seed3_ttq:
         labels = {"script": "the CPU recipe: one critic step, lr 8e-4, slim 64 px layers, EMA 0.9999, bf16",
                   "vs": "the earlier recipe: two critic steps, lr 4e-4, full width, EMA 0.999, float32"}
