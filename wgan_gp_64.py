@@ -744,7 +744,10 @@ def gradient_penalty(critic, real, fake):
 # --------------------------------------------------------------------------------- one-step functions
 def bf16_cpu():
     """Whether this CPU has bf16 units (AVX512-BF16, AMX): only there does --amp make a CPU run faster."""
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    try:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):  # a build without oneDNN (a private op: it may also move)
+        return False
 
 
 def autocast(device, enabled):

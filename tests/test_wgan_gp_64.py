@@ -667,6 +667,14 @@ def test_cpu_hint_for_large_images_on_a_cpu(tmp_path, folder, capsys, monkeypatc
     assert hint.endswith(w.CPU_RECIPE + " --amp" if bf16 else w.CPU_RECIPE)  # --amp only where bf16 units pay
 
 
+def test_no_bf16_hint_on_a_torch_without_onednn(monkeypatch):
+    class Missing:
+        def __getattr__(self, name):
+            raise AttributeError(name)
+    monkeypatch.setattr(torch.ops, "mkldnn", Missing())
+    assert w.bf16_cpu() is False
+
+
 # ------------------------------------------------------------------------------------ progressive growing
 GROWN = ["--grow", "8:3,16:3,32", "--fade", "2", "--sample-every", "1", "--torch-deterministic"]
 
