@@ -828,7 +828,7 @@ def build_nets(args, device):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    memory = torch.channels_last  # NHWC: on CUDA, and on a CPU too (1.2-1.3x the CPU recipes' steps: RESULTS.md)
+    memory = torch.channels_last  # NHWC: on CUDA, and on a CPU too (1.1-1.3x the CPU recipes' steps: RESULTS.md)
     generator = Generator(args).to(device, memory_format=memory)
     critic = Critic(args).to(device, memory_format=memory)
     adam = dict(lr=args.lr, betas=tuple(args.betas), eps=1e-8, fused=device.type == "cuda")

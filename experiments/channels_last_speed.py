@@ -1,6 +1,7 @@
 """Steps per second of wgan_gp_64.py's training step at the last size of the CPU recipe (bf16), nets contiguous
 (forced) against channels_last, and the recipe with --gp-every 8; interleaved round by round in one process on one
-thread, random images for data. Written when the script's nets were contiguous on a CPU; they are channels_last now.
+thread, random images for data; then one critic step of both layouts from the same weights and batch, compared.
+Written when the script's nets were contiguous on a CPU; they are channels_last now.
 
     OMP_NUM_THREADS=1 .venv/bin/python experiments/channels_last_speed.py            # the CPU recipe with --amp
     OMP_NUM_THREADS=1 .venv/bin/python experiments/channels_last_speed.py <flags>    # any flags instead
@@ -46,3 +47,22 @@ for r in range(6):
 base = statistics.median(rates["recipe"])
 for k, v in rates.items():
     print(f"{k}: {statistics.median(v):.2f} steps/s ({statistics.median(v) / base:.2f}x)  rounds {[round(x, 2) for x in v]}")
+
+
+def critic_step(flags, cl):
+    args = w.parse_args(["--data", "."] + shlex.split(flags))
+    nets = w.build_nets(args, torch.device("cpu"))  # seeded: the same weights in both layouts
+    memory = torch.channels_last if cl else torch.contiguous_format
+    for m in (nets.generator, nets.critic):
+        m.to(memory_format=memory)
+    w.set_growth(nets, args.image_size, 1.0)
+    real = (torch.rand(args.batch_size, args.channels, args.image_size, args.image_size,
+                       generator=torch.Generator().manual_seed(0)) * 2 - 1).contiguous(memory_format=memory)
+    torch.manual_seed(1)
+    losses = w.critic_step(nets.generator, nets.critic, nets.opt_d, real, args, penalize=True)
+    return losses, torch.cat([p.grad.flatten() for p in nets.critic.parameters() if p.grad is not None])
+
+
+(l0, g0), (l1, g1) = critic_step(R, False), critic_step(R, True)
+print("one critic step, contiguous vs channels_last:", {k: (round(float(l0[k]), 5), round(float(l1[k]), 5)) for k in l0},
+      f"critic gradient relative difference {float((g0 - g1).norm() / g0.norm()):.2e}")

@@ -636,7 +636,7 @@ def test_channels_last_and_fused_adam_give_the_same_step():
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*results))
 
 
-def test_nets_are_channels_last_on_a_cpu():  # 1.2-1.3x the CPU recipes' steps (bench/RESULTS.md)
+def test_nets_are_channels_last_on_a_cpu():  # 1.1-1.3x the CPU recipes' steps (bench/RESULTS.md)
     nets = w.build_nets(tiny_args(), torch.device("cpu"))
     convs = [m.weight for net in (nets.generator, nets.critic) for m in net.modules() if isinstance(m, w.Conv)]
     assert nets.memory == torch.channels_last and convs
