@@ -168,12 +168,10 @@ def main():
         labels = {"script": "grown: --grow 16:4500,32:6500,64 --fade 500 (before T: upsampled)",
                   "vs": "from scratch at 64 px"}
         ttq_images(args.fish64_ttq, "fish64", "fish 64x64: CPU recipe grown vs from scratch", 1, "vs", labels, "webp")
-        fish_figures(args.fish64_ttq / "script", "fish64", 1)
     if args.fish64_2h_ttq:
         labels = {"script": "grown: the CPU recipe (before T: upsampled)", "baseline": "DCGAN WGAN-GP at 64 px"}
         ttq_images(args.fish64_2h_ttq, "fish64_2h", "fish 64x64, 2 h: CPU recipe grown vs DCGAN WGAN-GP", 1,
                    labels=labels, ext="webp")
-        fish_figures(args.fish64_2h_ttq / "script", "fish64_2h", 1)
     for name, (title, script, vs) in SEED2_PAIRS_64.items():
         if ttq := getattr(args, f"fish64_{name}_ttq"):
             ttq_images(ttq, f"fish64_{name}", f"fish 64x64, 2 h, seed 2{title}", 1, "vs", {"script": script, "vs": vs},
