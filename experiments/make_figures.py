@@ -14,6 +14,7 @@
         --fish64-critic1-ttq .benchmarks/ttq/<time>  # the same with --critic-its 1: lr 4e-4 vs 6e-4
         --fish64-lr-ttq .benchmarks/ttq/<time>       # the same: lr 8e-4 vs 1.2e-3
         --fish64-seed3-ttq .benchmarks/ttq/<time>    # 64 px, 2 h, seed 3: the CPU recipe vs the earlier one
+        --fish64-dcgan-ttq .benchmarks/ttq/<time>    # 64 px, 2 h, seed 1: the CPU recipe vs the DCGAN baseline
         --mnist-2h runs/gallery/mnist2h        # the README's 2 h MNIST run, then experiments/score_run.py on it
         --fish32-2h runs/gallery/fish32_2h     # the README's 2 h fish 32 px run, then experiments/score_run.py
         --seed001 runs/docs                    # bash experiments/docs_runs.sh (seed001_* runs)
@@ -21,7 +22,7 @@
 
 Each option is independent; the ones given overwrite their images. Grids are cropped or upscaled by an integer
 factor (nearest), never resampled, and written as optimised PNG (the 64 px grids, over 400 KB as PNG or lossless
-WebP, as WebP of quality 90; the seed-3 pair's progress strip and interpolation too).
+WebP, as WebP of quality 90; the seed-1 and seed-3 pairs' progress strips and interpolations too).
 """
 import argparse
 import json
@@ -151,6 +152,7 @@ def main():
     for name in SEED2_PAIRS_64:
         p.add_argument(f"--fish64-{name.replace('_', '-')}-ttq", type=Path)
     p.add_argument("--fish64-seed3-ttq", type=Path)
+    p.add_argument("--fish64-dcgan-ttq", type=Path)
     p.add_argument("--mnist-2h", type=Path)
     p.add_argument("--fish32-2h", type=Path)
     p.add_argument("--seed001", type=Path)
@@ -182,6 +184,11 @@ def main():
         ttq_images(args.fish64_seed3_ttq, "fish64_seed3", "fish 64x64, 2 h, seed 3: the CPU recipe vs the earlier one",
                    1, "vs", labels, "webp")
         fish_figures(args.fish64_seed3_ttq / "script", "fish64_seed3", 1, "webp")
+    if args.fish64_dcgan_ttq:
+        labels = {"script": "the CPU recipe: grown 16 -> 32 -> 64 px, bf16", "baseline": "DCGAN WGAN-GP at 64 px"}
+        ttq_images(args.fish64_dcgan_ttq, "fish64_dcgan", "fish 64x64, 2 h, seed 1: the CPU recipe vs DCGAN WGAN-GP", 1,
+                   labels=labels, ext="webp")
+        fish_figures(args.fish64_dcgan_ttq / "script", "fish64_dcgan", 1, "webp")
     if args.mnist_2h:
         save_png(Image.open(args.mnist_2h / "score_grid.png").convert("RGB"), "mnist_2h_grid.png", 2)
     if args.fish32_2h:
