@@ -19,13 +19,19 @@ import wgan_gp_64 as w  # noqa: E402
 
 R = " ".join(sys.argv[1:]) or w.CPU_RECIPE.replace("--max-time 2h", "--amp")
 
-def stepper(flags, cl=True):
+def nets_in(flags, cl):
+    """The script's nets for these flags (seeded: the same weights in both layouts) at their last size."""
     args = w.parse_args(["--data", "."] + shlex.split(flags))
     nets = w.build_nets(args, torch.device("cpu"))
     nets.memory = torch.channels_last if cl else torch.contiguous_format
     for m in (nets.generator, nets.critic):
         m.to(memory_format=nets.memory)
     w.set_growth(nets, args.image_size, 1.0)
+    return args, nets
+
+
+def stepper(flags, cl=True):
+    args, nets = nets_in(flags, cl)
     images = torch.rand(64, args.channels, args.image_size, args.image_size) * 2 - 1
     batches = iter(lambda: images[torch.randint(0, 64, (args.batch_size,))], None)
     done = [args.iters - 1]
@@ -50,14 +56,9 @@ for k, v in rates.items():
 
 
 def critic_step(flags, cl):
-    args = w.parse_args(["--data", "."] + shlex.split(flags))
-    nets = w.build_nets(args, torch.device("cpu"))  # seeded: the same weights in both layouts
-    memory = torch.channels_last if cl else torch.contiguous_format
-    for m in (nets.generator, nets.critic):
-        m.to(memory_format=memory)
-    w.set_growth(nets, args.image_size, 1.0)
+    args, nets = nets_in(flags, cl)
     real = (torch.rand(args.batch_size, args.channels, args.image_size, args.image_size,
-                       generator=torch.Generator().manual_seed(0)) * 2 - 1).contiguous(memory_format=memory)
+                       generator=torch.Generator().manual_seed(0)) * 2 - 1).contiguous(memory_format=nets.memory)
     torch.manual_seed(1)
     losses = w.critic_step(nets.generator, nets.critic, nets.opt_d, real, args, penalize=True)
     return losses, torch.cat([p.grad.flatten() for p in nets.critic.parameters() if p.grad is not None])
